@@ -1,0 +1,493 @@
+//! `profiler attach`: samples one process until a stop condition, then
+//! symbolizes what was gathered and writes the profile.
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use log::{debug, warn};
+use tokio::{
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
+    time::{MissedTickBehavior, interval, sleep_until},
+};
+
+use crate::{
+    cli::AttachArgs,
+    mappings::AddressSpace,
+    output::{self, summary::{Summary, ThreadShare}},
+    perf_map::{self, PerfMap, PerfMapFile},
+    procfs::{self, ProcessInfo},
+    profile::{Profile, TopEntry},
+    sampler::{Sampler, SamplerConfig},
+    symbolize::{ProcessSymbols, Symbolizer, symbolize_profile},
+};
+
+/// How many rows the hottest-frame lists hold.
+const TOP_ROWS: usize = 10;
+
+/// Why sampling ended.
+#[derive(Debug)]
+enum StopReason {
+    Duration,
+    Interrupted,
+    Terminated,
+    TargetExited,
+    CommandExited(ExitStatus),
+}
+
+impl StopReason {
+    fn describe(&self) -> String {
+        match self {
+            Self::Duration => "duration reached".to_owned(),
+            Self::Interrupted => "interrupted (Ctrl-C)".to_owned(),
+            Self::Terminated => "terminated (SIGTERM)".to_owned(),
+            Self::TargetExited => "target exited".to_owned(),
+            Self::CommandExited(status) => format!("command exited ({status})"),
+        }
+    }
+}
+
+/// Checks that profiling can work here before anything is started.
+pub fn preflight(frequency_hz: u64) -> anyhow::Result<()> {
+    let privileged = procfs::has_capability(procfs::cap::SYS_ADMIN)
+        || (procfs::has_capability(procfs::cap::BPF)
+            && procfs::has_capability(procfs::cap::PERFMON));
+    if !privileged {
+        bail!(
+            "profiling needs root, or the CAP_BPF and CAP_PERFMON capabilities: \
+             run it with sudo, or grant them with `sudo setcap cap_bpf,cap_perfmon+ep {}`",
+            std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "profiler".to_owned())
+        );
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!(
+            "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); \
+             a kernel built with CONFIG_DEBUG_INFO_BTF=y is needed"
+        );
+    }
+    if !Path::new("/proc/sys/kernel/perf_event_max_sample_rate").exists() {
+        bail!("this kernel has no perf events (CONFIG_PERF_EVENTS)");
+    }
+    check_frequency(frequency_hz, procfs::max_sample_rate_hz())
+}
+
+fn check_frequency(frequency_hz: u64, max_hz: Option<u64>) -> anyhow::Result<()> {
+    if frequency_hz == 0 {
+        bail!("--frequency must be at least 1 Hz");
+    }
+    if let Some(max_hz) = max_hz
+        && frequency_hz > max_hz
+    {
+        bail!(
+            "--frequency {frequency_hz} Hz is above the kernel's limit of {max_hz} Hz \
+             (kernel.perf_event_max_sample_rate)"
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: AttachArgs) -> anyhow::Result<i32> {
+    if args.pid.is_none() && args.command.is_empty() {
+        bail!("give a process to profile with --pid, or a command to run after `--`");
+    }
+    if let Some(duration) = args.duration
+        && !(duration > 0.0 && duration.is_finite())
+    {
+        bail!("--duration must be a positive number of seconds");
+    }
+    preflight(args.frequency)?;
+    if let Some(pid) = args.pid
+        && !procfs::is_alive(pid)
+    {
+        bail!("no process with pid {pid}");
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(session(args))
+}
+
+async fn session(args: AttachArgs) -> anyhow::Result<i32> {
+    // With a pid, sampling starts before the command, so a load test runs
+    // entirely under the profiler. Without one, the command is the target.
+    let mut child = None;
+    let pid = match args.pid {
+        Some(pid) => pid,
+        None => {
+            let started = spawn(&args.command)?;
+            let pid = started.id().context("the command exited at once")?;
+            child = Some(started);
+            pid
+        }
+    };
+    let process = procfs::read_info(pid).with_context(|| format!("no process with pid {pid}"))?;
+    let dir = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("profile-{pid}")));
+    output::prepare_dir(&dir)?;
+
+    let mut sampler = Sampler::load(&SamplerConfig {
+        pids: vec![pid],
+        sample_all: false,
+        stack_entries: args.stack_entries,
+    })?;
+    let mut space = AddressSpace::new(pid);
+    space
+        .refresh()
+        .with_context(|| format!("cannot read the mappings of pid {pid}"))?;
+    let mut perf_map = open_perf_map(&process);
+    let cpu_start = procfs::cpu_time_s(pid);
+
+    sampler.attach(args.frequency)?;
+    let started = Instant::now();
+    let started_wall = SystemTime::now();
+    if args.pid.is_some() && !args.command.is_empty() {
+        child = Some(spawn(&args.command)?);
+    }
+
+    let live = !args.quiet && std::io::stderr().is_terminal();
+    let mut cpu_last = cpu_start;
+    let reason = watch(&args, pid, child.as_mut(), &sampler, &mut space, &mut perf_map, &process, &mut cpu_last, live).await?;
+    sampler.detach();
+    let duration_s = started.elapsed().as_secs_f64();
+    if live {
+        eprint!("\r\x1b[K");
+    }
+
+    let command_status = match (&reason, child.as_mut()) {
+        (StopReason::CommandExited(status), _) => Some(*status),
+        (_, Some(child)) => Some(stop_child(child).await),
+        (_, None) => None,
+    };
+
+    // Last look at the process before it may go away.
+    if procfs::is_alive(pid) {
+        if let Err(err) = space.refresh() {
+            debug!("last refresh of the mappings failed: {err}");
+        }
+        cpu_last = procfs::cpu_time_s(pid).or(cpu_last);
+    }
+    if perf_map.is_none() {
+        perf_map = open_perf_map(&process);
+    }
+    let thread_names = procfs::thread_names(pid);
+    let stats = sampler.stats()?;
+    let raw = sampler.collect()?;
+    drop(sampler);
+
+    let perf_map_path = perf_map::path_for(&process);
+    let perf_map: Option<PerfMap> = perf_map.and_then(|mut file| match file.read() {
+        Ok(map) => {
+            debug!("perf map has {} entries", map.len());
+            Some(map)
+        }
+        Err(err) => {
+            warn!("{err}; JIT frames will be unnamed");
+            None
+        }
+    });
+    if perf_map.is_none() && process.is_node() {
+        warn!(
+            "no perf map at {}: JavaScript frames will be unnamed. Start node with \
+             --perf-basic-prof-only-functions --interpreted-frames-native-stack",
+            perf_map_path.display()
+        );
+    }
+
+    let symbolizer = Symbolizer::new();
+    let profile = symbolize_profile(
+        &symbolizer,
+        &raw,
+        &ProcessSymbols {
+            space: &space,
+            perf_map: perf_map.as_ref(),
+        },
+        &thread_names,
+    );
+
+    let target_cpu_s = match (cpu_start, cpu_last) {
+        (Some(start), Some(end)) => Some(((end - start) * 100.0).round() / 100.0),
+        _ => None,
+    };
+    let summary = Summary {
+        pid,
+        command: process.command_line(),
+        started_unix_s: started_wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        duration_s: (duration_s * 1000.0).round() / 1000.0,
+        frequency_hz: args.frequency,
+        samples: stats.samples,
+        lost_samples: stats.counts_map_full,
+        stack_errors: stats.user_stack_errors + stats.kernel_stack_errors + raw.missing_stacks,
+        expected_samples: target_cpu_s.map(|cpu| (cpu * args.frequency as f64).round() as u64),
+        target_cpu_s,
+        stop_reason: reason.describe(),
+        command_exit_status: command_status.and_then(|s| s.code()),
+        command_run: (!args.command.is_empty()).then(|| args.command.join(" ")),
+        perf_map: perf_map.as_ref().map(|_| perf_map_path.display().to_string()),
+        kernel_counters: stats,
+        threads: thread_shares(&profile),
+        top_self: profile.top_self(TOP_ROWS),
+        top_total: profile.top_total(TOP_ROWS),
+    };
+
+    let written = write_outputs(&dir, &profile, &summary)?;
+    print_report(&summary, &written);
+
+    Ok(match command_status {
+        Some(status) => status.code().unwrap_or(1),
+        None => 0,
+    })
+}
+
+/// Samples until a stop condition; keeps the mappings and the perf map
+/// current on the way, and draws the live line.
+#[expect(clippy::too_many_arguments, reason = "one call site, all state of the session")]
+async fn watch(
+    args: &AttachArgs,
+    pid: u32,
+    mut child: Option<&mut Child>,
+    sampler: &Sampler,
+    space: &mut AddressSpace,
+    perf_map: &mut Option<PerfMapFile>,
+    process: &ProcessInfo,
+    cpu_last: &mut Option<f64>,
+    live: bool,
+) -> anyhow::Result<StopReason> {
+    let started = Instant::now();
+    let deadline = args
+        .duration
+        .map(|secs| tokio::time::Instant::now() + Duration::from_secs_f64(secs));
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut tick = interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    let mut cpu_prev = (Instant::now(), *cpu_last);
+
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => return Ok(StopReason::Interrupted),
+            _ = sigterm.recv() => return Ok(StopReason::Terminated),
+            () = async { sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
+                return Ok(StopReason::Duration);
+            }
+            status = async { child.as_mut().unwrap().wait().await }, if child.is_some() => {
+                let status = status.context("cannot wait for the command")?;
+                return Ok(StopReason::CommandExited(status));
+            }
+            _ = tick.tick() => {
+                if !procfs::is_alive(pid) {
+                    return Ok(StopReason::TargetExited);
+                }
+                ticks += 1;
+                if ticks % 4 != 0 {
+                    continue;
+                }
+                // Once a second: new mappings (dlopen), the perf map once it
+                // appears, CPU time, and the live line.
+                if let Err(err) = space.refresh() {
+                    debug!("refreshing the mappings failed: {err}");
+                }
+                if perf_map.is_none() {
+                    *perf_map = open_perf_map(process);
+                }
+                let now = (Instant::now(), procfs::cpu_time_s(pid));
+                if now.1.is_some() {
+                    *cpu_last = now.1;
+                }
+                if live {
+                    let cpu_percent = match (cpu_prev.1, now.1) {
+                        (Some(a), Some(b)) => {
+                            100.0 * (b - a) / now.0.duration_since(cpu_prev.0).as_secs_f64()
+                        }
+                        _ => 0.0,
+                    };
+                    let samples = sampler.stats().map(|s| s.samples).unwrap_or(0);
+                    eprint!(
+                        "\r\x1b[K{:6.1} s  {samples} samples  target CPU {cpu_percent:.0}%",
+                        started.elapsed().as_secs_f64()
+                    );
+                    let _ = std::io::stderr().flush();
+                }
+                cpu_prev = now;
+            }
+        }
+    }
+}
+
+fn spawn(command: &[String]) -> anyhow::Result<Child> {
+    let (program, rest) = command.split_first().context("empty command")?;
+    Command::new(program)
+        .args(rest)
+        .spawn()
+        .with_context(|| format!("cannot run `{}`", command.join(" ")))
+}
+
+/// Ends a command still running when profiling stops: SIGTERM, then
+/// SIGKILL after two seconds.
+async fn stop_child(child: &mut Child) -> ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    if let Some(pid) = child.id() {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our
+        // own unreaped child, so it cannot have been reused.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+        Ok(Ok(status)) => status,
+        _ => {
+            let _ = child.kill().await;
+            child.wait().await.unwrap_or_default()
+        }
+    }
+}
+
+fn open_perf_map(process: &ProcessInfo) -> Option<PerfMapFile> {
+    let path = perf_map::path_for(process);
+    match PerfMapFile::open_trusted(&path, process.uid) {
+        Ok(file) => {
+            if file.is_some() {
+                debug!("using perf map {}", path.display());
+            }
+            file
+        }
+        Err(err) => {
+            warn!("{err}; JIT frames will be unnamed");
+            None
+        }
+    }
+}
+
+fn thread_shares(profile: &Profile) -> Vec<ThreadShare> {
+    let total = profile.total().max(1) as f64;
+    profile
+        .by_thread()
+        .into_iter()
+        .map(|(thread, samples)| ThreadShare {
+            thread,
+            samples,
+            percent: (samples as f64 * 10000.0 / total).round() / 100.0,
+        })
+        .collect()
+}
+
+fn write_outputs(dir: &Path, profile: &Profile, summary: &Summary) -> anyhow::Result<Vec<PathBuf>> {
+    let folded = profile.folded();
+    let mut written = vec![output::write_atomic(dir, "stacks.folded", |w| {
+        Ok(output::folded::write(&folded, w)?)
+    })?];
+
+    if folded.is_empty() {
+        warn!("no samples: the target did not run on a CPU while it was profiled; no flame graph");
+    } else {
+        let title = format!("{} (pid {})", summary.command, summary.pid);
+        let subtitle = format!(
+            "{:.1} s at {} Hz, {} samples",
+            summary.duration_s, summary.frequency_hz, summary.samples
+        );
+        written.push(output::write_atomic(dir, "flamegraph.svg", |w| {
+            output::flamegraph::write(&folded, &title, &subtitle, w)
+        })?);
+    }
+
+    written.push(output::write_atomic(dir, "summary.json", |w| {
+        serde_json::to_writer_pretty(&mut *w, summary)?;
+        writeln!(w)?;
+        Ok(())
+    })?);
+    Ok(written)
+}
+
+fn print_report(summary: &Summary, written: &[PathBuf]) {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "profiled pid {} ({}) for {:.1} s at {} Hz: {}\n",
+        summary.pid,
+        shorten(&summary.command, 60),
+        summary.duration_s,
+        summary.frequency_hz,
+        summary.stop_reason
+    ));
+    out.push_str(&format!(
+        "  {} samples, {} lost, {} stack errors",
+        summary.samples, summary.lost_samples, summary.stack_errors
+    ));
+    if let (Some(cpu), Some(expected)) = (summary.target_cpu_s, summary.expected_samples) {
+        out.push_str(&format!("; target used {cpu:.1} CPU s (~{expected} samples)"));
+    }
+    out.push('\n');
+    if let Some(status) = summary.command_exit_status {
+        out.push_str(&format!("  command exit status: {status}\n"));
+    }
+    if !summary.top_self.is_empty() {
+        out.push_str("\nhottest frames by self time:\n");
+        out.push_str(&format_top(&summary.top_self));
+    }
+    out.push_str("\nwrote:\n");
+    for path in written {
+        out.push_str(&format!("  {}\n", path.display()));
+    }
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth reporting.
+    let _ = stdout.write_all(out.as_bytes());
+}
+
+fn format_top(rows: &[TopEntry]) -> String {
+    rows.iter()
+        .map(|row| {
+            format!(
+                "  {:>6.2}%  {:>7}  {}\n",
+                row.percent,
+                row.samples,
+                shorten(&row.frame, 100)
+            )
+        })
+        .collect()
+}
+
+fn shorten(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        return text.to_owned();
+    }
+    let mut short: String = text.chars().take(max_chars - 1).collect();
+    short.push('…');
+    short
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_frequency_is_refused() {
+        let err = check_frequency(0, Some(100_000)).unwrap_err();
+        assert!(err.to_string().contains("at least 1 Hz"));
+    }
+
+    #[test]
+    fn frequency_above_the_kernel_limit_is_refused() {
+        let err = check_frequency(200_000, Some(100_000)).unwrap_err();
+        assert!(err.to_string().contains("perf_event_max_sample_rate"), "{err}");
+        check_frequency(99, Some(100_000)).unwrap();
+    }
+
+    #[test]
+    fn long_names_are_shortened_on_a_char_boundary() {
+        assert_eq!(shorten("héllo wörld", 6), "héllo…");
+        assert_eq!(shorten("short", 10), "short");
+    }
+}

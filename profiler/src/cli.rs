@@ -1,0 +1,63 @@
+//! Command-line flags, as typed.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "profiler", version, about)]
+pub struct Cli {
+    /// More log output: -v for decisions, -vv for detail.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sample the on-CPU stacks of a running process.
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  sudo profiler attach --pid 1234 --duration 30
+  sudo profiler attach -p 1234 -F 199 -o before -- node loadtest.js
+  sudo profiler attach -- node --perf-basic-prof app.js
+
+Node.js: start node with --perf-basic-prof-only-functions (or --perf-basic-prof)
+and --interpreted-frames-native-stack so that JS frames get names.")]
+pub struct AttachArgs {
+    /// Process to profile. Without it, COMMAND is started and profiled.
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+
+    /// Stop after this many seconds (default: until Ctrl-C, the target
+    /// exits or COMMAND ends).
+    #[arg(short, long, value_name = "SECS")]
+    pub duration: Option<f64>,
+
+    /// Samples per second per CPU.
+    #[arg(short = 'F', long, default_value_t = 99, value_name = "HZ")]
+    pub frequency: u64,
+
+    /// Output folder [default: profile-PID].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// Capacity of the kernel's stack map, in distinct stacks.
+    #[arg(long, default_value_t = profiler_common::DEFAULT_STACK_ENTRIES, hide = true)]
+    pub stack_entries: u32,
+
+    /// No live progress line.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// A command to run while profiling, e.g. a load test; profiling stops
+    /// when it exits.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,43 @@
+//! `profiler`: an eBPF sampling profiler for Linux.
+
+mod attach;
+mod cli;
+mod mappings;
+mod output;
+mod perf_map;
+mod procfs;
+mod profile;
+mod sampler;
+mod symbolize;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .filter_module("blazesym", log::LevelFilter::Warn.min(level))
+        .format_timestamp(None)
+        .parse_env("PROFILER_LOG")
+        .init();
+
+    let result = match cli.command {
+        Command::Attach(args) => attach::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! `summary.json`: the figures of a profile in a form scripts can read.
+
+use serde::Serialize;
+
+use crate::{profile::TopEntry, sampler::Stats};
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub pid: u32,
+    /// Command line of the profiled process.
+    pub command: String,
+    pub started_unix_s: f64,
+    pub duration_s: f64,
+    pub frequency_hz: u64,
+    /// Samples taken on the target's threads.
+    pub samples: u64,
+    /// Samples taken but not recorded (counts map full).
+    pub lost_samples: u64,
+    /// Samples whose user or kernel stack could not be stored or read.
+    pub stack_errors: u64,
+    /// Samples the target's CPU time predicts at this frequency.
+    pub expected_samples: Option<u64>,
+    /// CPU time the target used while it was profiled.
+    pub target_cpu_s: Option<f64>,
+    pub stop_reason: String,
+    /// Exit status of the command run with `-- COMMAND`.
+    pub command_exit_status: Option<i32>,
+    pub command_run: Option<String>,
+    pub perf_map: Option<String>,
+    pub kernel_counters: Stats,
+    pub threads: Vec<ThreadShare>,
+    pub top_self: Vec<TopEntry>,
+    pub top_total: Vec<TopEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadShare {
+    pub thread: String,
+    pub samples: u64,
+    pub percent: f64,
+}

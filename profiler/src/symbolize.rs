@@ -1,0 +1,279 @@
+//! Turns sampled addresses into frames: ELF symbols (demangled, with
+//! inlined functions and source lines where DWARF has them) for native
+//! code, kallsyms for the kernel, and the perf map for JIT code.
+
+use std::collections::HashMap;
+
+use blazesym::{
+    MaybeDefault,
+    symbolize::{
+        Input, Symbolized, Symbolizer as Blaze,
+        source::{Elf, Kernel, Source},
+    },
+};
+use log::{debug, warn};
+
+use crate::{
+    mappings::AddressSpace,
+    perf_map::PerfMap,
+    profile::{Frame, FrameKind},
+};
+
+/// Symbolizes addresses of one profile; caches parsed files between calls.
+pub struct Symbolizer {
+    blaze: Blaze,
+    kernel_warned: std::cell::Cell<bool>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        let blaze = Blaze::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Self {
+            blaze,
+            kernel_warned: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Frames for kernel addresses, one list per address, outermost first.
+    pub fn kernel(&self, addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
+        let src = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Default,
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Default::default()
+        });
+        let results = match self.blaze.symbolize(&src, Input::AbsAddr(addrs)) {
+            Ok(results) => results,
+            Err(err) => {
+                if !self.kernel_warned.replace(true) {
+                    warn!("cannot symbolize kernel frames: {err}; ignoring");
+                }
+                Vec::new()
+            }
+        };
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| {
+                let frames = match results.get(i) {
+                    Some(Symbolized::Sym(sym)) => vec![Frame::new(&sym.name, FrameKind::Kernel)],
+                    _ => vec![Frame::new("[unknown]", FrameKind::Kernel)],
+                };
+                (addr, frames)
+            })
+            .collect()
+    }
+
+    /// Frames for user addresses of one process, one list per address,
+    /// outermost first (a function before the functions inlined into it).
+    pub fn user(
+        &self,
+        space: &AddressSpace,
+        perf_map: Option<&PerfMap>,
+        addrs: &[u64],
+    ) -> HashMap<u64, Vec<Frame>> {
+        let mut out = HashMap::with_capacity(addrs.len());
+        // Addresses grouped by the mapping that holds them.
+        let mut by_mapping: HashMap<usize, Vec<u64>> = HashMap::new();
+
+        for &addr in addrs {
+            let mapping = space.find_index(addr);
+            match mapping {
+                Some(index) if space.mappings()[index].is_file() => {
+                    by_mapping.entry(index).or_default().push(addr);
+                }
+                _ => {
+                    let frame = match perf_map.and_then(|map| map.find(addr)) {
+                        Some(name) => Frame::jit(name),
+                        None => match mapping {
+                            Some(index) => unknown_in(space.mappings()[index].path.as_str()),
+                            None => Frame::new("[unknown]", FrameKind::Unknown),
+                        },
+                    };
+                    out.insert(addr, vec![frame]);
+                }
+            }
+        }
+
+        for (index, addrs) in by_mapping {
+            let mapping = &space.mappings()[index];
+            let offsets: Vec<u64> = addrs
+                .iter()
+                .map(|addr| addr - mapping.start + mapping.file_offset)
+                .collect();
+            let results = mapping.readable_path(space.pid()).and_then(|path| {
+                let mut elf = Elf::new(path);
+                elf.debug_syms = true;
+                self.blaze
+                    .symbolize(&Source::Elf(elf), Input::FileOffset(&offsets))
+                    .map_err(|err| debug!("cannot symbolize in {}: {err}", mapping.path))
+                    .ok()
+            });
+            for (i, addr) in addrs.into_iter().enumerate() {
+                let frames = match results.as_ref().and_then(|r| r.get(i)) {
+                    Some(Symbolized::Sym(sym)) => {
+                        let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+                        let mut outer = Frame::new(&sym.name, FrameKind::Native);
+                        if let Some(info) = &sym.code_info {
+                            outer.set_location(&info.file.to_string_lossy(), info.line);
+                        }
+                        outer.module = Some(mapping.file_name().to_owned());
+                        frames.push(outer);
+                        for inlined in &sym.inlined {
+                            let mut frame = Frame::new(&inlined.name, FrameKind::Native);
+                            if let Some(info) = &inlined.code_info {
+                                frame.set_location(&info.file.to_string_lossy(), info.line);
+                            }
+                            frame.inlined = true;
+                            frame.module = Some(mapping.file_name().to_owned());
+                            frames.push(frame);
+                        }
+                        frames
+                    }
+                    _ => match perf_map.and_then(|map| map.find(addr)) {
+                        Some(name) => vec![Frame::jit(name)],
+                        None => vec![unknown_in(mapping.file_name())],
+                    },
+                };
+                out.insert(addr, frames);
+            }
+        }
+        out
+    }
+}
+
+/// A frame in a known mapping that has no symbol for the address.
+fn unknown_in(module: &str) -> Frame {
+    let name = module.trim_end_matches(" (deleted)");
+    let name = name.rsplit('/').next().unwrap_or(name);
+    if name.is_empty() {
+        Frame::new("[anon]", FrameKind::Unknown)
+    } else if name.starts_with('[') {
+        Frame::new(name, FrameKind::Unknown)
+    } else {
+        Frame::new(&format!("[{name}]"), FrameKind::Unknown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn a_function_with_a_distinct_name() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn own_function_is_named() {
+        let pid = std::process::id();
+        let mut space = AddressSpace::new(pid);
+        space.refresh().unwrap();
+        let addr = a_function_with_a_distinct_name as usize as u64;
+        assert_eq!(a_function_with_a_distinct_name(), 7);
+
+        let frames = Symbolizer::new().user(&space, None, &[addr]);
+        let names: Vec<&str> = frames[&addr].iter().map(|f| f.name.as_str()).collect();
+        assert!(
+            names.iter().any(|n| n.contains("a_function_with_a_distinct_name")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn anonymous_address_uses_the_perf_map() {
+        let space = AddressSpace::new(std::process::id());
+        let map = PerfMap::parse("1000 100 JS:*render /srv/view.js:3:9\n");
+        let frames = Symbolizer::new().user(&space, Some(&map), &[0x1010, 0x9000]);
+        assert_eq!(frames[&0x1010][0].kind, FrameKind::Jit);
+        assert_eq!(frames[&0x1010][0].name, "render /srv/view.js:3:9");
+        assert_eq!(frames[&0x9000][0].name, "[unknown]");
+    }
+
+    #[test]
+    fn unknown_frames_name_their_module() {
+        assert_eq!(unknown_in("/usr/lib/libfoo.so.1").name, "[libfoo.so.1]");
+        assert_eq!(unknown_in("[vdso]").name, "[vdso]");
+        assert_eq!(unknown_in("").name, "[anon]");
+    }
+}
+
+/// Where the frames of one process come from.
+pub struct ProcessSymbols<'a> {
+    pub space: &'a AddressSpace,
+    pub perf_map: Option<&'a PerfMap>,
+}
+
+/// Symbolizes everything the sampler gathered for one process.
+///
+/// Every address but the leaf of a stack is a return address: it points
+/// after the call, possibly into the next line or function, so the address
+/// one byte before it is looked up instead.
+pub fn symbolize_profile(
+    symbolizer: &Symbolizer,
+    raw: &crate::sampler::RawProfile,
+    process: &ProcessSymbols<'_>,
+    thread_names: &std::collections::BTreeMap<u32, String>,
+) -> crate::profile::Profile {
+    use profiler_common::{NO_STACK, STACK_LOST};
+
+    let lookup_addrs = |id: i32| -> Vec<u64> {
+        raw.stacks.get(&id).map_or_else(Vec::new, |frames| {
+            frames
+                .iter()
+                .enumerate()
+                .map(|(i, &ip)| if i == 0 { ip } else { ip.saturating_sub(1) })
+                .collect()
+        })
+    };
+
+    let mut user_addrs = std::collections::BTreeSet::new();
+    let mut kernel_addrs = std::collections::BTreeSet::new();
+    for (key, _) in &raw.counts {
+        user_addrs.extend(lookup_addrs(key.user_stack_id));
+        kernel_addrs.extend(lookup_addrs(key.kernel_stack_id));
+    }
+    let user_addrs: Vec<u64> = user_addrs.into_iter().collect();
+    let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
+    let user = symbolizer.user(process.space, process.perf_map, &user_addrs);
+    let kernel = symbolizer.kernel(&kernel_addrs);
+
+    let mut profile = crate::profile::Profile::default();
+    let lost = Frame::new("[stack lost]", FrameKind::Unknown);
+    for (key, count) in &raw.counts {
+        let mut stack = Vec::new();
+        for (id, frames) in [(key.user_stack_id, &user), (key.kernel_stack_id, &kernel)] {
+            match id {
+                NO_STACK => {}
+                STACK_LOST => stack.push(profile.intern(lost.clone())),
+                id if !raw.stacks.contains_key(&id) => stack.push(profile.intern(lost.clone())),
+                id => {
+                    // Leaf first in the map; root first in the profile.
+                    for addr in lookup_addrs(id).into_iter().rev() {
+                        for frame in frames.get(&addr).into_iter().flatten() {
+                            stack.push(profile.intern(frame.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let thread = raw
+            .threads
+            .get(&key.tid)
+            .map(|(_, name)| name.as_str())
+            .or_else(|| thread_names.get(&key.tid).map(String::as_str))
+            .unwrap_or("");
+        profile.add(key.tid, thread, stack, *count);
+    }
+    profile
+}
