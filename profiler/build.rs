@@ -13,7 +13,11 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=../profiler-common/src");
     println!("cargo:rerun-if-env-changed=PATH");
 
-    if Command::new("bpf-linker").arg("--version").output().is_err() {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         bail!(
             "bpf-linker was not found on PATH; `cargo xtask build` installs it \
              (with the LLVM that matches rustc)"

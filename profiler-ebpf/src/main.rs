@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::{PerfEventContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, NO_STACK, STACK_LOST, SampleKey,
-    TARGET_ENTRIES, THREAD_ENTRIES, ThreadInfo, stat,
+    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, NO_STACK, STACK_LOST, SampleKey, TARGET_ENTRIES,
+    THREAD_ENTRIES, ThreadInfo, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.

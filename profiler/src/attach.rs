@@ -19,7 +19,10 @@ use tokio::{
 use crate::{
     cli::AttachArgs,
     mappings::AddressSpace,
-    output::{self, summary::{Summary, ThreadShare}},
+    output::{
+        self,
+        summary::{Summary, ThreadShare},
+    },
     perf_map::{self, PerfMap, PerfMapFile},
     procfs::{self, ProcessInfo},
     profile::{Profile, TopEntry},
@@ -157,7 +160,18 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
 
     let live = !args.quiet && std::io::stderr().is_terminal();
     let mut cpu_last = cpu_start;
-    let reason = watch(&args, pid, child.as_mut(), &sampler, &mut space, &mut perf_map, &process, &mut cpu_last, live).await?;
+    let reason = watch(
+        &args,
+        pid,
+        child.as_mut(),
+        &sampler,
+        &mut space,
+        &mut perf_map,
+        &process,
+        &mut cpu_last,
+        live,
+    )
+    .await?;
     sampler.detach();
     let duration_s = started.elapsed().as_secs_f64();
     if live {
@@ -235,7 +249,9 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         stop_reason: reason.describe(),
         command_exit_status: command_status.and_then(|s| s.code()),
         command_run: (!args.command.is_empty()).then(|| args.command.join(" ")),
-        perf_map: perf_map.as_ref().map(|_| perf_map_path.display().to_string()),
+        perf_map: perf_map
+            .as_ref()
+            .map(|_| perf_map_path.display().to_string()),
         kernel_counters: stats,
         threads: thread_shares(&profile),
         top_self: profile.top_self(TOP_ROWS),
@@ -253,7 +269,10 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
 
 /// Samples until a stop condition; keeps the mappings and the perf map
 /// current on the way, and draws the live line.
-#[expect(clippy::too_many_arguments, reason = "one call site, all state of the session")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, all state of the session"
+)]
 async fn watch(
     args: &AttachArgs,
     pid: u32,
@@ -292,7 +311,7 @@ async fn watch(
                     return Ok(StopReason::TargetExited);
                 }
                 ticks += 1;
-                if ticks % 4 != 0 {
+                if !ticks.is_multiple_of(4) {
                     continue;
                 }
                 // Once a second: new mappings (dlopen), the perf map once it
@@ -426,7 +445,9 @@ fn print_report(summary: &Summary, written: &[PathBuf]) {
         summary.samples, summary.lost_samples, summary.stack_errors
     ));
     if let (Some(cpu), Some(expected)) = (summary.target_cpu_s, summary.expected_samples) {
-        out.push_str(&format!("; target used {cpu:.1} CPU s (~{expected} samples)"));
+        out.push_str(&format!(
+            "; target used {cpu:.1} CPU s (~{expected} samples)"
+        ));
     }
     out.push('\n');
     if let Some(status) = summary.command_exit_status {
@@ -467,7 +488,6 @@ fn shorten(text: &str, max_chars: usize) -> String {
     short
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,7 +501,10 @@ mod tests {
     #[test]
     fn frequency_above_the_kernel_limit_is_refused() {
         let err = check_frequency(200_000, Some(100_000)).unwrap_err();
-        assert!(err.to_string().contains("perf_event_max_sample_rate"), "{err}");
+        assert!(
+            err.to_string().contains("perf_event_max_sample_rate"),
+            "{err}"
+        );
         check_frequency(99, Some(100_000)).unwrap();
     }
 

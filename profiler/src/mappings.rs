@@ -211,7 +211,7 @@ mod tests {
     fn own_address_space_maps_this_function() {
         let mut space = AddressSpace::new(std::process::id());
         space.refresh().unwrap();
-        let addr = own_address_space_maps_this_function as usize as u64;
+        let addr = own_address_space_maps_this_function as *const () as u64;
         let index = space.find_index(addr).expect("code of this test is mapped");
         let mapping = &space.mappings()[index];
         assert!(mapping.is_file());

@@ -23,7 +23,10 @@ pub enum PerfMapError {
     /// The path is a symbolic link.
     Symlink(PathBuf),
     /// The owner is neither the target's user nor root.
-    WrongOwner { path: PathBuf, uid: u32 },
+    WrongOwner {
+        path: PathBuf,
+        uid: u32,
+    },
     Io(PathBuf, io::Error),
 }
 

@@ -50,9 +50,11 @@ impl Frame {
     pub fn jit(perf_map_name: &str) -> Self {
         let name = match perf_map_name.strip_prefix("JS:") {
             Some(rest) => rest.trim_start_matches(['*', '~', '^', '+']),
-            None => perf_map_name.strip_prefix("LazyCompile:").map_or(perf_map_name, |rest| {
-                rest.trim_start_matches(['*', '~', '^', '+'])
-            }),
+            None => perf_map_name
+                .strip_prefix("LazyCompile:")
+                .map_or(perf_map_name, |rest| {
+                    rest.trim_start_matches(['*', '~', '^', '+'])
+                }),
         };
         Self::new(name, FrameKind::Jit)
     }
@@ -185,7 +187,11 @@ impl Profile {
                 percent: round2(samples as f64 * 100.0 / total),
             })
             .collect();
-        rows.sort_by(|a, b| b.samples.cmp(&a.samples).then_with(|| a.frame.cmp(&b.frame)));
+        rows.sort_by(|a, b| {
+            b.samples
+                .cmp(&a.samples)
+                .then_with(|| a.frame.cmp(&b.frame))
+        });
         rows.truncate(n);
         rows
     }
@@ -196,8 +202,10 @@ impl Profile {
         for sample in &self.samples {
             *by_thread.entry(&sample.thread).or_default() += sample.count;
         }
-        let mut rows: Vec<(String, u64)> =
-            by_thread.into_iter().map(|(t, n)| (t.to_owned(), n)).collect();
+        let mut rows: Vec<(String, u64)> = by_thread
+            .into_iter()
+            .map(|(t, n)| (t.to_owned(), n))
+            .collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         rows
     }
@@ -211,7 +219,9 @@ fn round2(value: f64) -> f64 {
 mod tests {
     use super::*;
 
-    fn profile_of(stacks: &[(&str, &[(&str, FrameKind)], u64)]) -> Profile {
+    type Stack<'a> = (&'a str, &'a [(&'a str, FrameKind)], u64);
+
+    fn profile_of(stacks: &[Stack<'_>]) -> Profile {
         let mut profile = Profile::default();
         for (i, (thread, frames, count)) in stacks.iter().enumerate() {
             let stack = frames
@@ -230,7 +240,11 @@ mod tests {
         let profile = profile_of(&[
             ("node", &[("main", Native), ("handler /a.js:1:1", Jit)], 3),
             ("node", &[("main", Native), ("handler /a.js:1:1", Jit)], 2),
-            ("node", &[("main", Native), ("read", Native), ("vfs_read", Kernel)], 1),
+            (
+                "node",
+                &[("main", Native), ("read", Native), ("vfs_read", Kernel)],
+                1,
+            ),
         ]);
         assert_eq!(
             profile.folded(),

@@ -9,7 +9,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
     programs::{
         PerfEvent,
-        perf_event::{PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent},
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
     },
     util::online_cpus,
 };
@@ -141,9 +143,7 @@ impl Sampler {
     pub fn stats(&self) -> anyhow::Result<Stats> {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("STATS").context("map STATS is missing")?)?;
-        let sum = |slot: u32| -> anyhow::Result<u64> {
-            Ok(map.get(&slot, 0)?.iter().sum())
-        };
+        let sum = |slot: u32| -> anyhow::Result<u64> { Ok(map.get(&slot, 0)?.iter().sum()) };
         Ok(Stats {
             samples: sum(stat::SAMPLES)?,
             other_task_ticks: sum(stat::OTHER_TASK)?,
@@ -190,7 +190,8 @@ impl Sampler {
 
         for entry in threads.iter() {
             let (tid, info) = entry.context("cannot read the thread map")?;
-            raw.threads.insert(tid, (info.pid, comm_to_string(&info.comm)));
+            raw.threads
+                .insert(tid, (info.pid, comm_to_string(&info.comm)));
         }
         Ok(raw)
     }
@@ -209,7 +210,9 @@ fn comm_to_string(comm: &[u8; TASK_COMM_LEN]) -> String {
 
 /// Adds the fix to errors whose cause is a missing privilege or feature.
 fn explain_bpf_error(err: anyhow::Error) -> anyhow::Error {
-    let io = err.chain().find_map(|cause| cause.downcast_ref::<std::io::Error>());
+    let io = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<std::io::Error>());
     match io.and_then(std::io::Error::raw_os_error) {
         Some(libc::EPERM | libc::EACCES) => err.context(
             "permission denied: run as root, or grant CAP_BPF and CAP_PERFMON \

@@ -165,49 +165,6 @@ fn unknown_in(module: &str) -> Frame {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[inline(never)]
-    fn a_function_with_a_distinct_name() -> u64 {
-        std::hint::black_box(7)
-    }
-
-    #[test]
-    fn own_function_is_named() {
-        let pid = std::process::id();
-        let mut space = AddressSpace::new(pid);
-        space.refresh().unwrap();
-        let addr = a_function_with_a_distinct_name as usize as u64;
-        assert_eq!(a_function_with_a_distinct_name(), 7);
-
-        let frames = Symbolizer::new().user(&space, None, &[addr]);
-        let names: Vec<&str> = frames[&addr].iter().map(|f| f.name.as_str()).collect();
-        assert!(
-            names.iter().any(|n| n.contains("a_function_with_a_distinct_name")),
-            "{names:?}"
-        );
-    }
-
-    #[test]
-    fn anonymous_address_uses_the_perf_map() {
-        let space = AddressSpace::new(std::process::id());
-        let map = PerfMap::parse("1000 100 JS:*render /srv/view.js:3:9\n");
-        let frames = Symbolizer::new().user(&space, Some(&map), &[0x1010, 0x9000]);
-        assert_eq!(frames[&0x1010][0].kind, FrameKind::Jit);
-        assert_eq!(frames[&0x1010][0].name, "render /srv/view.js:3:9");
-        assert_eq!(frames[&0x9000][0].name, "[unknown]");
-    }
-
-    #[test]
-    fn unknown_frames_name_their_module() {
-        assert_eq!(unknown_in("/usr/lib/libfoo.so.1").name, "[libfoo.so.1]");
-        assert_eq!(unknown_in("[vdso]").name, "[vdso]");
-        assert_eq!(unknown_in("").name, "[anon]");
-    }
-}
-
 /// Where the frames of one process come from.
 pub struct ProcessSymbols<'a> {
     pub space: &'a AddressSpace,
@@ -276,4 +233,49 @@ pub fn symbolize_profile(
         profile.add(key.tid, thread, stack, *count);
     }
     profile
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn a_function_with_a_distinct_name() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn own_function_is_named() {
+        let pid = std::process::id();
+        let mut space = AddressSpace::new(pid);
+        space.refresh().unwrap();
+        let addr = a_function_with_a_distinct_name as *const () as u64;
+        assert_eq!(a_function_with_a_distinct_name(), 7);
+
+        let frames = Symbolizer::new().user(&space, None, &[addr]);
+        let names: Vec<&str> = frames[&addr].iter().map(|f| f.name.as_str()).collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("a_function_with_a_distinct_name")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn anonymous_address_uses_the_perf_map() {
+        let space = AddressSpace::new(std::process::id());
+        let map = PerfMap::parse("1000 100 JS:*render /srv/view.js:3:9\n");
+        let frames = Symbolizer::new().user(&space, Some(&map), &[0x1010, 0x9000]);
+        assert_eq!(frames[&0x1010][0].kind, FrameKind::Jit);
+        assert_eq!(frames[&0x1010][0].name, "render /srv/view.js:3:9");
+        assert_eq!(frames[&0x9000][0].name, "[unknown]");
+    }
+
+    #[test]
+    fn unknown_frames_name_their_module() {
+        assert_eq!(unknown_in("/usr/lib/libfoo.so.1").name, "[libfoo.so.1]");
+        assert_eq!(unknown_in("[vdso]").name, "[vdso]");
+        assert_eq!(unknown_in("").name, "[anon]");
+    }
 }

@@ -1,1 +1,107 @@
-fn main() {}
+//! Build, test and demo orchestration: `cargo xtask build|test`.
+//!
+//! Every command installs what it needs and is missing, each step only when
+//! it is missing, so that a fresh machine needs nothing done by hand.
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain if missing and build `target/release/profiler`.
+    Build,
+    /// Build, then run the unit tests and the integration tests (as root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Build => build(),
+        Task::Test { filter } => test(filter.as_deref()),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn build() -> anyhow::Result<()> {
+    setup::ebpf_toolchain()?;
+    step("building target/release/profiler");
+    run(cargo().args(["build", "--release", "--package", "profiler"]))?;
+    println!("built {}", root().join("target/release/profiler").display());
+    Ok(())
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    build()?;
+    setup::test_tools()?;
+
+    step("unit tests");
+    let mut unit = cargo();
+    unit.args([
+        "test",
+        "--release",
+        "--package",
+        "profiler",
+        "--package",
+        "profiler-common",
+    ]);
+    unit.args(["--package", "xtask"]);
+    if let Some(filter) = filter {
+        unit.arg(filter);
+    }
+    run(&mut unit)?;
+
+    step("integration tests against real processes");
+    let mut integration = cargo();
+    integration.args(["test", "--release", "--package", "integration-tests", "--"]);
+    // One at a time: the tests measure shares of CPU time on a small machine.
+    integration.arg("--test-threads=1");
+    if let Some(filter) = filter {
+        integration.arg(filter);
+    }
+    integration.env("PROFILER_BIN", root().join("target/release/profiler"));
+    run(&mut integration)?;
+
+    println!("all tests passed");
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    cmd.current_dir(root());
+    cmd
+}
+
+pub fn step(what: &str) {
+    println!("==> {what}");
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
