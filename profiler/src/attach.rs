@@ -21,7 +21,7 @@ use crate::{
     mappings::AddressSpace,
     output::{
         self,
-        summary::{Summary, ThreadShare},
+        summary::{Summary, ThreadShare, Timings},
     },
     perf_map::{self, PerfMap, PerfMapFile},
     procfs::{self, ProcessInfo},
@@ -139,6 +139,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         .unwrap_or_else(|| PathBuf::from(format!("profile-{pid}")));
     output::prepare_dir(&dir)?;
 
+    let load_started = Instant::now();
     let mut sampler = Sampler::load(&SamplerConfig {
         pids: vec![pid],
         sample_all: false,
@@ -152,6 +153,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let cpu_start = procfs::cpu_time_s(pid);
 
     sampler.attach(args.frequency)?;
+    let load_ms = elapsed_ms(load_started);
     let started = Instant::now();
     let started_wall = SystemTime::now();
     if args.pid.is_some() && !args.command.is_empty() {
@@ -173,6 +175,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     )
     .await?;
     sampler.detach();
+    let stopped = Instant::now();
     let duration_s = started.elapsed().as_secs_f64();
     if live {
         eprint!("\r\x1b[K");
@@ -198,6 +201,17 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let stats = sampler.stats()?;
     let raw = sampler.collect()?;
     drop(sampler);
+    let stack_errors = stats.user_stack_errors + stats.kernel_stack_errors + raw.missing_stacks;
+    if stack_errors > 0 {
+        warn!(
+            "{stack_errors} stacks could not be stored (stack-map collisions or faults); \
+             they show as [stack lost]. A larger --stack-entries (now {}) makes collisions rarer",
+            args.stack_entries
+        );
+    }
+    if stats.counts_map_full > 0 {
+        warn!("{} samples were dropped: the counts map was full", stats.counts_map_full);
+    }
 
     let perf_map_path = perf_map::path_for(&process);
     let perf_map: Option<PerfMap> = perf_map.and_then(|mut file| match file.read() {
@@ -218,6 +232,8 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         );
     }
 
+    let collect_ms = elapsed_ms(stopped);
+    let symbolize_started = Instant::now();
     let symbolizer = Symbolizer::new();
     let profile = symbolize_profile(
         &symbolizer,
@@ -228,6 +244,19 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         },
         &thread_names,
     );
+
+    let symbolize_ms = elapsed_ms(symbolize_started);
+
+    let render_started = Instant::now();
+    let mut written = write_profile(
+        &dir,
+        &profile,
+        &process,
+        args.frequency,
+        duration_s,
+        stats.samples,
+    )?;
+    let render_ms = elapsed_ms(render_started);
 
     let target_cpu_s = match (cpu_start, cpu_last) {
         (Some(start), Some(end)) => Some(((end - start) * 100.0).round() / 100.0),
@@ -243,7 +272,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         frequency_hz: args.frequency,
         samples: stats.samples,
         lost_samples: stats.counts_map_full,
-        stack_errors: stats.user_stack_errors + stats.kernel_stack_errors + raw.missing_stacks,
+        stack_errors,
         expected_samples: target_cpu_s.map(|cpu| (cpu * args.frequency as f64).round() as u64),
         target_cpu_s,
         stop_reason: reason.describe(),
@@ -256,9 +285,19 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         threads: thread_shares(&profile),
         top_self: profile.top_self(TOP_ROWS),
         top_total: profile.top_total(TOP_ROWS),
+        timings_ms: Timings {
+            load: load_ms,
+            collect: collect_ms,
+            symbolize: symbolize_ms,
+            render: render_ms,
+            stop_to_output: elapsed_ms(stopped),
+        },
     };
-
-    let written = write_outputs(&dir, &profile, &summary)?;
+    written.push(output::write_atomic(&dir, "summary.json", |w| {
+        serde_json::to_writer_pretty(&mut *w, &summary)?;
+        writeln!(w)?;
+        Ok(())
+    })?);
     print_report(&summary, &written);
 
     Ok(match command_status {
@@ -403,7 +442,15 @@ fn thread_shares(profile: &Profile) -> Vec<ThreadShare> {
         .collect()
 }
 
-fn write_outputs(dir: &Path, profile: &Profile, summary: &Summary) -> anyhow::Result<Vec<PathBuf>> {
+/// Writes the folded stacks and the flame graph.
+fn write_profile(
+    dir: &Path,
+    profile: &Profile,
+    process: &ProcessInfo,
+    frequency_hz: u64,
+    duration_s: f64,
+    samples: u64,
+) -> anyhow::Result<Vec<PathBuf>> {
     let folded = profile.folded();
     let mut written = vec![output::write_atomic(dir, "stacks.folded", |w| {
         Ok(output::folded::write(&folded, w)?)
@@ -412,22 +459,21 @@ fn write_outputs(dir: &Path, profile: &Profile, summary: &Summary) -> anyhow::Re
     if folded.is_empty() {
         warn!("no samples: the target did not run on a CPU while it was profiled; no flame graph");
     } else {
-        let title = format!("{} (pid {})", summary.command, summary.pid);
-        let subtitle = format!(
-            "{:.1} s at {} Hz, {} samples",
-            summary.duration_s, summary.frequency_hz, summary.samples
+        let title = format!(
+            "{} (pid {})",
+            shorten(&process.command_line(), 80),
+            process.pid
         );
+        let subtitle = format!("{duration_s:.1} s at {frequency_hz} Hz, {samples} samples");
         written.push(output::write_atomic(dir, "flamegraph.svg", |w| {
             output::flamegraph::write(&folded, &title, &subtitle, w)
         })?);
     }
-
-    written.push(output::write_atomic(dir, "summary.json", |w| {
-        serde_json::to_writer_pretty(&mut *w, summary)?;
-        writeln!(w)?;
-        Ok(())
-    })?);
     Ok(written)
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    (since.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
 fn print_report(summary: &Summary, written: &[PathBuf]) {

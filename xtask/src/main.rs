@@ -3,6 +3,7 @@
 //! Every command installs what it needs and is missing, each step only when
 //! it is missing, so that a fresh machine needs nothing done by hand.
 
+mod bench;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -26,12 +27,30 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build, then measure the profiler's own CPU, memory and latency
+    /// while it samples a busy target.
+    Bench {
+        /// Seconds of sampling.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Sampling frequency in Hz.
+        #[arg(long, default_value_t = 99)]
+        frequency: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Build => build(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench {
+            duration,
+            frequency,
+        } => {
+            build()?;
+            setup::test_tools()?;
+            bench::run(duration, frequency)
+        }
     }
 }
 

@@ -31,6 +31,21 @@ pub struct Summary {
     pub threads: Vec<ThreadShare>,
     pub top_self: Vec<TopEntry>,
     pub top_total: Vec<TopEntry>,
+    pub timings_ms: Timings,
+}
+
+/// Where the profiler's own time went, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    /// Loading the eBPF program and opening the perf events.
+    pub load: f64,
+    /// Copying the maps out of the kernel after sampling stopped.
+    pub collect: f64,
+    pub symbolize: f64,
+    /// Writing the folded stacks and rendering the flame graph.
+    pub render: f64,
+    /// From the end of sampling to the last file written before the summary.
+    pub stop_to_output: f64,
 }
 
 #[derive(Debug, Serialize)]
