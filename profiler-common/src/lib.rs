@@ -30,6 +30,115 @@ pub const THREAD_ENTRIES: u32 = 16 * 1024;
 /// Capacity of the target-process map.
 pub const TARGET_ENTRIES: u32 = 4 * 1024;
 
+/// Capacity of the event-loop thread map.
+pub const LOOP_THREAD_ENTRIES: u32 = 16 * 1024;
+
+/// Size of the ring buffer carrying loop events to user space, in bytes.
+pub const LOOP_EVENTS_BYTES: u32 = 1 << 20;
+
+/// Buckets of the loop-iteration histogram: [`HIST_SUB_BUCKETS`] per power of
+/// two of microseconds, up to 2^40 µs.
+pub const HIST_BUCKETS: u32 = 41 * HIST_SUB_BUCKETS;
+
+/// Sub-buckets per power of two; 8 gives a relative width of 12.5% at most.
+pub const HIST_SUB_BUCKETS: u32 = 8;
+
+/// Histogram bucket of a duration in microseconds. Shared by both sides so
+/// that user space reads bucket bounds exactly as the kernel side filled
+/// them. Written without loops for the verifier.
+#[inline(always)]
+pub fn hist_bucket(duration_us: u64) -> u32 {
+    if duration_us < HIST_SUB_BUCKETS as u64 {
+        return duration_us as u32;
+    }
+    // floor(log2) by binary search, unrolled.
+    let mut v = duration_us;
+    let mut log2 = 0u32;
+    if v >= 1 << 32 {
+        v >>= 32;
+        log2 += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        log2 += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        log2 += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        log2 += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        log2 += 2;
+    }
+    if v >= 1 << 1 {
+        log2 += 1;
+    }
+    // The three bits below the leading one pick the sub-bucket.
+    let sub = ((duration_us >> (log2 - 3)) & 7) as u32;
+    let bucket = (log2 - 2) * HIST_SUB_BUCKETS + sub;
+    if bucket >= HIST_BUCKETS {
+        HIST_BUCKETS - 1
+    } else {
+        bucket
+    }
+}
+
+/// Smallest duration in microseconds that falls in `bucket`.
+pub fn hist_bucket_floor_us(bucket: u32) -> u64 {
+    if bucket < HIST_SUB_BUCKETS {
+        return bucket as u64;
+    }
+    let log2 = bucket / HIST_SUB_BUCKETS + 2;
+    let sub = (bucket % HIST_SUB_BUCKETS) as u64;
+    (1u64 << log2) + (sub << (log2 - 3))
+}
+
+/// Event-loop state of one thread that waits in epoll.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopThread {
+    /// When the current iteration started: the last return from the wait.
+    pub iteration_start_ns: u64,
+    /// Count of iterations started so far on this thread.
+    pub iteration: u64,
+    pub pid: u32,
+    /// Non-zero while the thread is inside the wait.
+    pub in_wait: u32,
+}
+
+/// Kinds of [`LoopEvent`].
+pub mod loop_event {
+    /// An iteration that lasted at least the blocking threshold.
+    pub const EPISODE: u32 = 1;
+    /// A CPU sample taken on a loop thread outside its wait.
+    pub const SAMPLE: u32 = 2;
+}
+
+/// A record sent from the kernel side to user space through the ring
+/// buffer: either an episode or a sample on a loop thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopEvent {
+    /// One of [`loop_event`].
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// Sample only: stack ids as in [`SampleKey`].
+    pub user_stack_id: i32,
+    pub kernel_stack_id: i32,
+    pub _pad: u32,
+    /// The iteration the event belongs to.
+    pub iteration: u64,
+    /// Episode: iteration start; sample: when it was taken (CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// Episode: iteration end; sample: equal to `start_ns`.
+    pub end_ns: u64,
+}
+
 /// Key of the counts map: one entry per distinct thread and stack pair.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,13 +179,56 @@ pub mod stat {
     pub const COUNTS_FULL: u32 = 4;
     /// Thread names not recorded because the thread map was full.
     pub const THREADS_FULL: u32 = 5;
+    /// Loop events lost because the ring buffer was full.
+    pub const LOOP_EVENTS_LOST: u32 = 6;
+    /// Loop threads not tracked because the loop-thread map was full.
+    pub const LOOP_THREADS_FULL: u32 = 7;
+    /// Loop iterations completed.
+    pub const LOOP_ITERATIONS: u32 = 8;
+    /// Longest loop iteration seen on this CPU, in nanoseconds (a maximum,
+    /// not a count).
+    pub const LOOP_MAX_NS: u32 = 9;
     /// Number of slots.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 10;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_floors_round_trip() {
+        let mut last = 0;
+        for us in 0..200_000u64 {
+            let bucket = hist_bucket(us);
+            assert!(bucket >= last, "bucket of {us} went down");
+            assert!(hist_bucket_floor_us(bucket) <= us, "floor of {us}");
+            last = bucket;
+        }
+        for bucket in 0..HIST_BUCKETS - 1 {
+            assert_eq!(hist_bucket(hist_bucket_floor_us(bucket)), bucket);
+        }
+    }
+
+    #[test]
+    fn bucket_width_is_within_an_eighth() {
+        for bucket in HIST_SUB_BUCKETS..HIST_BUCKETS - 1 {
+            let low = hist_bucket_floor_us(bucket) as f64;
+            let high = hist_bucket_floor_us(bucket + 1) as f64;
+            assert!((high - low) / low <= 0.125 + 1e-9, "bucket {bucket}");
+        }
+    }
 }
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{SampleKey, ThreadInfo};
+    use super::{LoopEvent, LoopThread, SampleKey, ThreadInfo};
+
+    // SAFETY: `repr(C)`, integer fields only, no implicit padding.
+    unsafe impl aya::Pod for LoopThread {}
+
+    // SAFETY: `repr(C)`, integer fields only, padding made explicit.
+    unsafe impl aya::Pod for LoopEvent {}
 
     // SAFETY: `SampleKey` is `repr(C)`, made only of integers, with no
     // padding, so every bit pattern is a valid value.

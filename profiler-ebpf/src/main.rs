@@ -1,25 +1,38 @@
-//! Kernel side of the profiler: a `perf_event` program run on every CPU at
-//! the sampling frequency. It keeps the work per sample small: filter by
-//! process, store the user and kernel stacks, and count the pair.
+//! Kernel side of the profiler.
+//!
+//! - `profile`, a `perf_event` program run on every CPU at the sampling
+//!   frequency: filter by process, store the user and kernel stacks, count
+//!   the pair.
+//! - `loop_sys_enter` and `loop_sys_exit`, raw tracepoints on syscall entry
+//!   and return: they cut the life of every thread of a target that waits
+//!   in epoll into event-loop iterations,
+//!   from the return of one wait to the next call, and report iterations
+//!   longer than a threshold. Samples taken on such a thread outside its
+//!   wait are also sent to user space, tagged with the iteration.
 
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, perf_event},
-    maps::{HashMap, PerCpuArray, StackTrace},
-    programs::{PerfEventContext, tracing::StackIdContext as _},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, perf_event, raw_tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{PerfEventContext, RawTracePointContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, NO_STACK, STACK_LOST, SampleKey, TARGET_ENTRIES,
-    THREAD_ENTRIES, ThreadInfo, stat,
+    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, HIST_BUCKETS, LOOP_EVENTS_BYTES,
+    LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, NO_STACK, STACK_LOST, SampleKey, TARGET_ENTRIES,
+    THREAD_ENTRIES, ThreadInfo, hist_bucket, loop_event, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.
 #[unsafe(no_mangle)]
 static SAMPLE_ALL: u8 = 0;
+
+/// Iterations at least this long are blocking episodes.
+#[unsafe(no_mangle)]
+static BLOCK_THRESHOLD_NS: u64 = 50_000_000;
 
 /// Processes to sample, by thread-group id.
 #[map]
@@ -40,6 +53,18 @@ static THREADS: HashMap<u32, ThreadInfo> = HashMap::with_max_entries(THREAD_ENTR
 /// Counters described in `profiler_common::stat`.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Event-loop state of each thread seen waiting in epoll.
+#[map]
+static LOOP_THREADS: HashMap<u32, LoopThread> = HashMap::with_max_entries(LOOP_THREAD_ENTRIES, 0);
+
+/// Episodes and loop-thread samples, on their way to user space.
+#[map]
+static LOOP_EVENTS: RingBuf = RingBuf::with_byte_size(LOOP_EVENTS_BYTES, 0);
+
+/// Loop-iteration durations, bucketed by `profiler_common::hist_bucket`.
+#[map]
+static LOOP_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS, 0);
 
 const EFAULT: i32 = 14;
 
@@ -88,6 +113,147 @@ fn try_profile(ctx: &PerfEventContext) {
     }
 
     record_thread(pid, tid);
+
+    if let Some(state) = LOOP_THREADS.get_ptr(tid) {
+        // SAFETY: pointer from a successful lookup, fields read once.
+        let (in_wait, iteration) = unsafe { ((*state).in_wait, (*state).iteration) };
+        if in_wait == 0 {
+            let now = now_ns();
+            send_loop_event(&LoopEvent {
+                kind: loop_event::SAMPLE,
+                pid,
+                tid,
+                user_stack_id,
+                kernel_stack_id,
+                _pad: 0,
+                iteration,
+                start_ns: now,
+                end_ns: now,
+            });
+        }
+    }
+}
+
+// The wait syscalls of every epoll user: libuv (node), tokio, nginx.
+const SYS_EPOLL_WAIT: i64 = 232;
+const SYS_EPOLL_PWAIT: i64 = 281;
+const SYS_EPOLL_PWAIT2: i64 = 441;
+
+/// Syscall entry: a loop thread entering its wait ends an iteration.
+///
+/// Raw tracepoints need no tracefs. Entry filters on the syscall number
+/// before any map lookup, so other syscalls cost a compare.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn loop_sys_enter(ctx: RawTracePointContext) -> u32 {
+    let id: i64 = ctx.arg(1);
+    if matches!(id, SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2) {
+        wait_enter();
+    }
+    0
+}
+
+/// Syscall return: a thread in its wait returns from it, which starts an
+/// iteration. A thread is in one syscall at a time, so whichever syscall
+/// returns while the wait flag is set is the wait.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn loop_sys_exit(_ctx: RawTracePointContext) -> u32 {
+    wait_exit();
+    0
+}
+
+/// A loop thread enters its wait: the current iteration ends here.
+#[inline(always)]
+fn wait_enter() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    let Some(state) = LOOP_THREADS.get_ptr_mut(tid) else {
+        // First wait of a thread of a target: track it from the return.
+        // SAFETY: a read of a constant the loader may have patched.
+        let sample_all = unsafe { core::ptr::read_volatile(&SAMPLE_ALL) } != 0;
+        if sample_all || TARGETS.get_ptr(pid).is_some() {
+            let state = LoopThread {
+                iteration_start_ns: 0,
+                iteration: 0,
+                pid,
+                in_wait: 1,
+            };
+            if LOOP_THREADS.insert(tid, state, BPF_NOEXIST as u64).is_err() {
+                bump(stat::LOOP_THREADS_FULL);
+            }
+        }
+        return;
+    };
+    let now = now_ns();
+    // SAFETY: pointer from a successful lookup; only this thread, which
+    // runs on one CPU at a time, writes its own entry.
+    let state = unsafe { &mut *state };
+    if state.in_wait != 0 {
+        return;
+    }
+    state.in_wait = 1;
+
+    let duration_ns = now.saturating_sub(state.iteration_start_ns);
+    bump(stat::LOOP_ITERATIONS);
+    if let Some(bucket) = LOOP_HIST.get_ptr_mut(hist_bucket(duration_ns / 1000)) {
+        // SAFETY: per-CPU slot of this CPU.
+        unsafe { *bucket += 1 };
+    }
+    if let Some(max) = STATS.get_ptr_mut(stat::LOOP_MAX_NS) {
+        // SAFETY: per-CPU slot of this CPU.
+        unsafe {
+            if duration_ns > *max {
+                *max = duration_ns;
+            }
+        }
+    }
+
+    // SAFETY: a read of a constant the loader may have patched.
+    let threshold_ns = unsafe { core::ptr::read_volatile(&BLOCK_THRESHOLD_NS) };
+    if duration_ns >= threshold_ns {
+        send_loop_event(&LoopEvent {
+            kind: loop_event::EPISODE,
+            pid: state.pid,
+            tid,
+            user_stack_id: NO_STACK,
+            kernel_stack_id: NO_STACK,
+            _pad: 0,
+            iteration: state.iteration,
+            start_ns: state.iteration_start_ns,
+            end_ns: now,
+        });
+    }
+}
+
+/// A thread returns from a syscall: if it was its wait, a new iteration
+/// starts here.
+#[inline(always)]
+fn wait_exit() {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(state) = LOOP_THREADS.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: as in `wait_enter`.
+    let state = unsafe { &mut *state };
+    if state.in_wait == 0 {
+        return;
+    }
+    state.iteration_start_ns = now_ns();
+    state.iteration += 1;
+    state.in_wait = 0;
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments and cannot fail.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn send_loop_event(event: &LoopEvent) {
+    if LOOP_EVENTS.output::<LoopEvent>(event, 0).is_err() {
+        bump(stat::LOOP_EVENTS_LOST);
+    }
 }
 
 #[inline(always)]

@@ -18,6 +18,7 @@ use tokio::{
 
 use crate::{
     cli::AttachArgs,
+    event_loop::{self, Clock, LoopData, LoopReport},
     mappings::AddressSpace,
     output::{
         self,
@@ -27,7 +28,7 @@ use crate::{
     procfs::{self, ProcessInfo},
     profile::{Profile, TopEntry},
     sampler::{Sampler, SamplerConfig},
-    symbolize::{ProcessSymbols, Symbolizer, symbolize_profile},
+    symbolize::{ProcessSymbols, ResolvedStacks, Symbolizer},
 };
 
 /// How many rows the hottest-frame lists hold.
@@ -105,6 +106,9 @@ pub fn run(args: AttachArgs) -> anyhow::Result<i32> {
     {
         bail!("--duration must be a positive number of seconds");
     }
+    if !(args.block_threshold > 0.0 && args.block_threshold.is_finite()) {
+        bail!("--block-threshold must be a positive number of milliseconds");
+    }
     preflight(args.frequency)?;
     if let Some(pid) = args.pid
         && !procfs::is_alive(pid)
@@ -144,6 +148,8 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         pids: vec![pid],
         sample_all: false,
         stack_entries: args.stack_entries,
+        event_loop_threshold_ns: (!args.no_event_loop)
+            .then(|| (args.block_threshold * 1e6).round() as u64),
     })?;
     let mut space = AddressSpace::new(pid);
     space
@@ -156,6 +162,8 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let load_ms = elapsed_ms(load_started);
     let started = Instant::now();
     let started_wall = SystemTime::now();
+    let start_mono_ns = monotonic_ns();
+    let mut loop_events = Vec::new();
     if args.pid.is_some() && !args.command.is_empty() {
         child = Some(spawn(&args.command)?);
     }
@@ -166,7 +174,8 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         &args,
         pid,
         child.as_mut(),
-        &sampler,
+        &mut sampler,
+        &mut loop_events,
         &mut space,
         &mut perf_map,
         &process,
@@ -175,6 +184,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     )
     .await?;
     sampler.detach();
+    let stop_mono_ns = monotonic_ns();
     let stopped = Instant::now();
     let duration_s = started.elapsed().as_secs_f64();
     if live {
@@ -200,6 +210,12 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let thread_names = procfs::thread_names(pid);
     let stats = sampler.stats()?;
     let raw = sampler.collect()?;
+    sampler.drain_loop_events(&mut loop_events);
+    let loop_state = if sampler.tracks_event_loop() {
+        Some((sampler.loop_histogram()?, sampler.loop_threads()?))
+    } else {
+        None
+    };
     drop(sampler);
     let stack_errors = stats.user_stack_errors + stats.kernel_stack_errors + raw.missing_stacks;
     if stack_errors > 0 {
@@ -210,7 +226,10 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         );
     }
     if stats.counts_map_full > 0 {
-        warn!("{} samples were dropped: the counts map was full", stats.counts_map_full);
+        warn!(
+            "{} samples were dropped: the counts map was full",
+            stats.counts_map_full
+        );
     }
 
     let perf_map_path = perf_map::path_for(&process);
@@ -235,15 +254,47 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let collect_ms = elapsed_ms(stopped);
     let symbolize_started = Instant::now();
     let symbolizer = Symbolizer::new();
-    let profile = symbolize_profile(
+    let resolved = ResolvedStacks::resolve(
         &symbolizer,
         &raw,
         &ProcessSymbols {
             space: &space,
             perf_map: perf_map.as_ref(),
         },
-        &thread_names,
     );
+    let profile = resolved.profile(&raw.counts, &raw.threads, &thread_names);
+    let event_loop =
+        loop_state
+            .filter(|(_, threads)| !threads.is_empty())
+            .map(|(histogram, threads)| {
+                event_loop::analyze(
+                    &LoopData {
+                        events: &loop_events,
+                        histogram: &histogram,
+                        threads: &threads,
+                        events_lost: stats.loop_events_lost,
+                        max_ns: stats.loop_max_ns,
+                        threshold_ns: (args.block_threshold * 1e6).round() as u64,
+                    },
+                    Clock {
+                        start_mono_ns,
+                        start_unix_s: started_wall
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64()),
+                        stop_mono_ns,
+                    },
+                    args.frequency,
+                    &resolved,
+                    &raw.threads,
+                    &thread_names,
+                )
+            });
+    if stats.loop_events_lost > 0 {
+        warn!(
+            "{} event-loop records were lost (ring buffer full); episodes may miss samples",
+            stats.loop_events_lost
+        );
+    }
 
     let symbolize_ms = elapsed_ms(symbolize_started);
 
@@ -256,6 +307,9 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         duration_s,
         stats.samples,
     )?;
+    if let Some((report, blocking)) = &event_loop {
+        written.extend(write_event_loop(&dir, report, blocking, &process)?);
+    }
     let render_ms = elapsed_ms(render_started);
 
     let target_cpu_s = match (cpu_start, cpu_last) {
@@ -282,6 +336,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
             .as_ref()
             .map(|_| perf_map_path.display().to_string()),
         kernel_counters: stats,
+        event_loop: event_loop.as_ref().map(|(report, _)| report),
         threads: thread_shares(&profile),
         top_self: profile.top_self(TOP_ROWS),
         top_total: profile.top_total(TOP_ROWS),
@@ -298,7 +353,11 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         writeln!(w)?;
         Ok(())
     })?);
-    print_report(&summary, &written);
+    print_report(
+        &summary,
+        event_loop.as_ref().map(|(report, _)| report),
+        &written,
+    );
 
     Ok(match command_status {
         Some(status) => status.code().unwrap_or(1),
@@ -316,7 +375,8 @@ async fn watch(
     args: &AttachArgs,
     pid: u32,
     mut child: Option<&mut Child>,
-    sampler: &Sampler,
+    sampler: &mut Sampler,
+    loop_events: &mut Vec<profiler_common::LoopEvent>,
     space: &mut AddressSpace,
     perf_map: &mut Option<PerfMapFile>,
     process: &ProcessInfo,
@@ -349,6 +409,7 @@ async fn watch(
                 if !procfs::is_alive(pid) {
                     return Ok(StopReason::TargetExited);
                 }
+                sampler.drain_loop_events(loop_events);
                 ticks += 1;
                 if !ticks.is_multiple_of(4) {
                     continue;
@@ -472,11 +533,54 @@ fn write_profile(
     Ok(written)
 }
 
+/// Writes `blocking.folded`, `blocking.svg` and `episodes.json`.
+fn write_event_loop(
+    dir: &Path,
+    report: &LoopReport,
+    blocking: &Profile,
+    process: &ProcessInfo,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let folded = blocking.folded();
+    let mut written = vec![output::write_atomic(dir, "blocking.folded", |w| {
+        Ok(output::folded::write(&folded, w)?)
+    })?];
+    if !folded.is_empty() {
+        let title = format!(
+            "Event-loop blocking: {} (pid {})",
+            shorten(&process.command_line(), 70),
+            process.pid
+        );
+        let subtitle = format!(
+            "{} episodes of {} ms or more, {} samples",
+            report.episode_count, report.threshold_ms, report.episode_samples
+        );
+        written.push(output::write_atomic(dir, "blocking.svg", |w| {
+            output::flamegraph::write(&folded, &title, &subtitle, w)
+        })?);
+    }
+    written.push(output::write_atomic(dir, "episodes.json", |w| {
+        serde_json::to_writer_pretty(&mut *w, &report.episodes)?;
+        writeln!(w)?;
+        Ok(())
+    })?);
+    Ok(written)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 fn elapsed_ms(since: Instant) -> f64 {
     (since.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
-fn print_report(summary: &Summary, written: &[PathBuf]) {
+fn print_report(summary: &Summary, event_loop: Option<&LoopReport>, written: &[PathBuf]) {
     let mut out = String::new();
     out.push_str(&format!(
         "profiled pid {} ({}) for {:.1} s at {} Hz: {}\n",
@@ -502,6 +606,42 @@ fn print_report(summary: &Summary, written: &[PathBuf]) {
     if !summary.top_self.is_empty() {
         out.push_str("\nhottest frames by self time:\n");
         out.push_str(&format_top(&summary.top_self));
+    }
+    if let Some(report) = event_loop {
+        out.push_str(&format!(
+            "\nevent loop: {} thread(s), {} iterations; p50 {:.2} ms, p90 {:.2} ms, \
+             p99 {:.2} ms, max {:.1} ms\n",
+            report.threads,
+            report.iterations,
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report.max_ms
+        ));
+        out.push_str(&format!(
+            "  {} blocking episode(s) of {} ms or more",
+            report.episode_count, report.threshold_ms
+        ));
+        if report.episode_count > 0 {
+            out.push_str(", longest:\n");
+            for episode in report.episodes.iter().take(3) {
+                let culprit = episode
+                    .culprit()
+                    .map(|row| format!("{} ({:.0}%)", shorten(&row.frame, 70), row.percent))
+                    .unwrap_or_else(|| "no samples".to_owned());
+                let off_cpu = if episode.off_cpu {
+                    format!(", {:.0} ms off-CPU", episode.off_cpu_ms)
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!(
+                    "  {:>8.1} ms  {} at {:.2} s{off_cpu}: {culprit}\n",
+                    episode.duration_ms, episode.thread, episode.start_s
+                ));
+            }
+        } else {
+            out.push('\n');
+        }
     }
     out.push_str("\nwrote:\n");
     for path in written {

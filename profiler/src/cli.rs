@@ -53,6 +53,14 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = profiler_common::DEFAULT_STACK_ENTRIES, value_name = "N")]
     pub stack_entries: u32,
 
+    /// Event-loop iterations at least this long are blocking episodes.
+    #[arg(long, default_value_t = 50.0, value_name = "MS")]
+    pub block_threshold: f64,
+
+    /// Don't track event-loop iterations.
+    #[arg(long)]
+    pub no_event_loop: bool,
+
     /// No live progress line.
     #[arg(short, long)]
     pub quiet: bool,

@@ -2,6 +2,7 @@
 
 mod attach;
 mod cli;
+mod event_loop;
 mod mappings;
 mod output;
 mod perf_map;

@@ -196,6 +196,25 @@ impl Profile {
         rows
     }
 
+    /// The `n` frames of `kind` that most often are the innermost frame of
+    /// that kind in a sample: for JIT frames, the JS function that was
+    /// running, whatever builtin or native code it had called.
+    pub fn top_innermost(&self, kind: FrameKind, n: usize) -> Vec<TopEntry> {
+        let mut by_frame: HashMap<(&str, FrameKind), u64> = HashMap::new();
+        for sample in &self.samples {
+            let innermost = sample
+                .stack
+                .iter()
+                .rev()
+                .map(|&index| &self.frames[index])
+                .find(|frame| frame.kind == kind);
+            if let Some(frame) = innermost {
+                *by_frame.entry((&frame.name, frame.kind)).or_default() += sample.count;
+            }
+        }
+        self.rank(by_frame, n)
+    }
+
     /// Samples per thread name, most first.
     pub fn by_thread(&self) -> Vec<(String, u64)> {
         let mut by_thread: HashMap<&str, u64> = HashMap::new();
@@ -277,6 +296,29 @@ mod tests {
     }
 
     #[test]
+    fn innermost_js_frame_names_the_running_function() {
+        let profile = profile_of(&[
+            (
+                "t",
+                &[
+                    ("main", Native),
+                    ("outer", Jit),
+                    ("inner", Jit),
+                    ("memcpy", Native),
+                ],
+                3,
+            ),
+            ("t", &[("main", Native), ("outer", Jit)], 1),
+            ("t", &[("main", Native)], 1),
+        ]);
+        let top = profile.top_innermost(Jit, 5);
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].frame.as_str(), top[0].samples), ("inner", 3));
+        assert_eq!((top[1].frame.as_str(), top[1].samples), ("outer", 1));
+        assert_eq!(top[0].percent, 60.0);
+    }
+
+    #[test]
     fn recursion_counts_once_in_total() {
         let profile = profile_of(&[("t", &[("fib", Jit), ("fib", Jit), ("fib", Jit)], 4)]);
         assert_eq!(profile.top_total(1)[0].samples, 4);
@@ -288,5 +330,6 @@ mod tests {
         assert_eq!(Frame::jit("JS:~fib /x.js:1:1").name, "fib /x.js:1:1");
         assert_eq!(Frame::jit("LazyCompile:*fib /x.js").name, "fib /x.js");
         assert_eq!(Frame::jit("Builtin:JsonParse").name, "Builtin:JsonParse");
+        assert_eq!(Frame::jit("JS:* /x.js:2:7").name, "(anonymous) /x.js:2:7");
     }
 }

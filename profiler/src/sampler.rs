@@ -6,17 +6,19 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{
-        PerfEvent,
+        PerfEvent, RawTracePoint,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
     },
     util::online_cpus,
 };
-use log::debug;
-use profiler_common::{SampleKey, TASK_COMM_LEN, ThreadInfo, stat};
+use log::{debug, warn};
+use profiler_common::{
+    HIST_BUCKETS, LoopEvent, LoopThread, SampleKey, TASK_COMM_LEN, ThreadInfo, stat,
+};
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -29,6 +31,8 @@ pub struct SamplerConfig {
     pub sample_all: bool,
     /// Capacity of the stack-trace map, in distinct stacks.
     pub stack_entries: u32,
+    /// Track event-loop iterations, with this blocking threshold.
+    pub event_loop_threshold_ns: Option<u64>,
 }
 
 /// Counters kept by the eBPF program, summed over CPUs.
@@ -40,6 +44,10 @@ pub struct Stats {
     pub kernel_stack_errors: u64,
     pub counts_map_full: u64,
     pub threads_map_full: u64,
+    pub loop_events_lost: u64,
+    pub loop_threads_full: u64,
+    pub loop_iterations: u64,
+    pub loop_max_ns: u64,
 }
 
 /// Everything the eBPF program gathered, copied out of its maps.
@@ -58,14 +66,18 @@ pub struct RawProfile {
 pub struct Sampler {
     ebpf: Ebpf,
     links: Vec<PerfEventLinkId>,
+    /// Present while event-loop tracking is on.
+    loop_events: Option<RingBuf<MapData>>,
 }
 
 impl Sampler {
     /// Loads the program into the kernel and fills the target map.
     pub fn load(config: &SamplerConfig) -> anyhow::Result<Self> {
         let sample_all = u8::from(config.sample_all);
+        let threshold_ns = config.event_loop_threshold_ns.unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("SAMPLE_ALL", &sample_all, true)
+            .override_global("BLOCK_THRESHOLD_NS", &threshold_ns, true)
             .map_max_entries("STACKS", config.stack_entries)
             .load(EBPF_OBJECT)
             .map_err(|err| explain_bpf_error(anyhow::Error::new(err)))
@@ -90,10 +102,59 @@ impl Sampler {
             .map_err(|err| explain_bpf_error(anyhow::Error::new(err)))
             .context("the kernel refused the eBPF program")?;
 
+        let loop_events = match config.event_loop_threshold_ns {
+            Some(_) => load_loop_programs(&mut ebpf)?,
+            None => None,
+        };
+
         Ok(Self {
             ebpf,
             links: Vec::new(),
+            loop_events,
         })
+    }
+
+    /// Whether event-loop iterations are being tracked.
+    pub fn tracks_event_loop(&self) -> bool {
+        self.loop_events.is_some()
+    }
+
+    /// Moves the loop events sent so far into `out`.
+    pub fn drain_loop_events(&mut self, out: &mut Vec<LoopEvent>) {
+        let Some(ring) = self.loop_events.as_mut() else {
+            return;
+        };
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<LoopEvent>() {
+                // SAFETY: the kernel side writes whole `LoopEvent`s, a Pod
+                // type; the read is unaligned-safe.
+                out.push(unsafe { item.as_ptr().cast::<LoopEvent>().read_unaligned() });
+            }
+        }
+    }
+
+    /// Loop-iteration counts per histogram bucket, summed over CPUs.
+    pub fn loop_histogram(&self) -> anyhow::Result<Vec<u64>> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("LOOP_HIST")
+                .context("map LOOP_HIST is missing")?,
+        )?;
+        (0..HIST_BUCKETS)
+            .map(|bucket| Ok(map.get(&bucket, 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// The event-loop state of every tracked thread.
+    pub fn loop_threads(&self) -> anyhow::Result<Vec<(u32, LoopThread)>> {
+        let map: HashMap<&MapData, u32, LoopThread> = HashMap::try_from(
+            self.ebpf
+                .map("LOOP_THREADS")
+                .context("map LOOP_THREADS is missing")?,
+        )?;
+        map.iter()
+            .map(|entry| entry.context("cannot read the loop-thread map"))
+            .collect()
     }
 
     /// Starts sampling on every online CPU.
@@ -144,6 +205,9 @@ impl Sampler {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("STATS").context("map STATS is missing")?)?;
         let sum = |slot: u32| -> anyhow::Result<u64> { Ok(map.get(&slot, 0)?.iter().sum()) };
+        let max = |slot: u32| -> anyhow::Result<u64> {
+            Ok(map.get(&slot, 0)?.iter().copied().max().unwrap_or(0))
+        };
         Ok(Stats {
             samples: sum(stat::SAMPLES)?,
             other_task_ticks: sum(stat::OTHER_TASK)?,
@@ -151,6 +215,10 @@ impl Sampler {
             kernel_stack_errors: sum(stat::KERNEL_STACK_ERRORS)?,
             counts_map_full: sum(stat::COUNTS_FULL)?,
             threads_map_full: sum(stat::THREADS_FULL)?,
+            loop_events_lost: sum(stat::LOOP_EVENTS_LOST)?,
+            loop_threads_full: sum(stat::LOOP_THREADS_FULL)?,
+            loop_iterations: sum(stat::LOOP_ITERATIONS)?,
+            loop_max_ns: max(stat::LOOP_MAX_NS)?,
         })
     }
 
@@ -201,6 +269,35 @@ impl Drop for Sampler {
     fn drop(&mut self) {
         self.detach();
     }
+}
+
+/// Loads and attaches the raw syscall tracepoints that cut event-loop
+/// iterations. If they cannot be attached, tracking is off and the run goes
+/// on without it.
+fn load_loop_programs(ebpf: &mut Ebpf) -> anyhow::Result<Option<RingBuf<MapData>>> {
+    for (program, tracepoint) in [
+        ("loop_sys_enter", "sys_enter"),
+        ("loop_sys_exit", "sys_exit"),
+    ] {
+        let attached = (|| -> anyhow::Result<()> {
+            let program: &mut RawTracePoint = ebpf
+                .program_mut(program)
+                .with_context(|| format!("program {program} is missing"))?
+                .try_into()?;
+            program.load()?;
+            program.attach(tracepoint)?;
+            Ok(())
+        })();
+        if let Err(err) = attached {
+            warn!("cannot trace {tracepoint} ({err:#}); event-loop tracking is off");
+            return Ok(None);
+        }
+    }
+    debug!("event-loop tracking on the sys_enter and sys_exit raw tracepoints");
+    let map = ebpf
+        .take_map("LOOP_EVENTS")
+        .context("map LOOP_EVENTS is missing")?;
+    Ok(Some(RingBuf::try_from(map)?))
 }
 
 fn comm_to_string(comm: &[u8; TASK_COMM_LEN]) -> String {

@@ -13,10 +13,14 @@ use blazesym::{
 };
 use log::{debug, warn};
 
+use std::collections::BTreeMap;
+
+use profiler_common::{NO_STACK, SampleKey};
+
 use crate::{
     mappings::AddressSpace,
     perf_map::PerfMap,
-    profile::{Frame, FrameKind},
+    profile::{Frame, FrameKind, Profile},
 };
 
 /// Symbolizes addresses of one profile; caches parsed files between calls.
@@ -171,68 +175,99 @@ pub struct ProcessSymbols<'a> {
     pub perf_map: Option<&'a PerfMap>,
 }
 
-/// Symbolizes everything the sampler gathered for one process.
-///
-/// Every address but the leaf of a stack is a return address: it points
-/// after the call, possibly into the next line or function, so the address
-/// one byte before it is looked up instead.
-pub fn symbolize_profile(
-    symbolizer: &Symbolizer,
-    raw: &crate::sampler::RawProfile,
-    process: &ProcessSymbols<'_>,
-    thread_names: &std::collections::BTreeMap<u32, String>,
-) -> crate::profile::Profile {
-    use profiler_common::{NO_STACK, STACK_LOST};
+/// The stacks of a profile as frames, root first, by stack id.
+#[derive(Debug, Default)]
+pub struct ResolvedStacks {
+    stacks: HashMap<i32, Vec<Frame>>,
+}
 
-    let lookup_addrs = |id: i32| -> Vec<u64> {
-        raw.stacks.get(&id).map_or_else(Vec::new, |frames| {
+impl ResolvedStacks {
+    /// Symbolizes every stack the counts refer to.
+    ///
+    /// Every address but the leaf of a stack is a return address: it points
+    /// after the call, possibly into the next line or function, so the
+    /// address one byte before it is looked up instead.
+    pub fn resolve(
+        symbolizer: &Symbolizer,
+        raw: &crate::sampler::RawProfile,
+        process: &ProcessSymbols<'_>,
+    ) -> Self {
+        let lookup_addrs = |frames: &[u64]| -> Vec<u64> {
             frames
                 .iter()
                 .enumerate()
                 .map(|(i, &ip)| if i == 0 { ip } else { ip.saturating_sub(1) })
                 .collect()
-        })
-    };
+        };
+        let mut kernel_ids = std::collections::BTreeSet::new();
+        let mut user_addrs = std::collections::BTreeSet::new();
+        let mut kernel_addrs = std::collections::BTreeSet::new();
+        for (key, _) in &raw.counts {
+            if let Some(frames) = raw.stacks.get(&key.user_stack_id) {
+                user_addrs.extend(lookup_addrs(frames));
+            }
+            if let Some(frames) = raw.stacks.get(&key.kernel_stack_id) {
+                kernel_ids.insert(key.kernel_stack_id);
+                kernel_addrs.extend(lookup_addrs(frames));
+            }
+        }
+        let user_addrs: Vec<u64> = user_addrs.into_iter().collect();
+        let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
+        let user = symbolizer.user(process.space, process.perf_map, &user_addrs);
+        let kernel = symbolizer.kernel(&kernel_addrs);
 
-    let mut user_addrs = std::collections::BTreeSet::new();
-    let mut kernel_addrs = std::collections::BTreeSet::new();
-    for (key, _) in &raw.counts {
-        user_addrs.extend(lookup_addrs(key.user_stack_id));
-        kernel_addrs.extend(lookup_addrs(key.kernel_stack_id));
+        let stacks = raw
+            .stacks
+            .iter()
+            .map(|(&id, frames)| {
+                let by_addr = if kernel_ids.contains(&id) {
+                    &kernel
+                } else {
+                    &user
+                };
+                // Leaf first in the map; root first here.
+                let resolved = lookup_addrs(frames)
+                    .into_iter()
+                    .rev()
+                    .flat_map(|addr| by_addr.get(&addr).into_iter().flatten().cloned())
+                    .collect();
+                (id, resolved)
+            })
+            .collect();
+        Self { stacks }
     }
-    let user_addrs: Vec<u64> = user_addrs.into_iter().collect();
-    let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
-    let user = symbolizer.user(process.space, process.perf_map, &user_addrs);
-    let kernel = symbolizer.kernel(&kernel_addrs);
 
-    let mut profile = crate::profile::Profile::default();
-    let lost = Frame::new("[stack lost]", FrameKind::Unknown);
-    for (key, count) in &raw.counts {
-        let mut stack = Vec::new();
-        for (id, frames) in [(key.user_stack_id, &user), (key.kernel_stack_id, &kernel)] {
-            match id {
-                NO_STACK => {}
-                STACK_LOST => stack.push(profile.intern(lost.clone())),
-                id if !raw.stacks.contains_key(&id) => stack.push(profile.intern(lost.clone())),
-                id => {
-                    // Leaf first in the map; root first in the profile.
-                    for addr in lookup_addrs(id).into_iter().rev() {
-                        for frame in frames.get(&addr).into_iter().flatten() {
+    /// Builds a profile from counts whose stacks were resolved here.
+    pub fn profile(
+        &self,
+        counts: &[(SampleKey, u64)],
+        threads: &BTreeMap<u32, (u32, String)>,
+        thread_names: &BTreeMap<u32, String>,
+    ) -> Profile {
+        let mut profile = Profile::default();
+        let lost = Frame::new("[stack lost]", FrameKind::Unknown);
+        for (key, count) in counts {
+            let mut stack = Vec::new();
+            for id in [key.user_stack_id, key.kernel_stack_id] {
+                match self.stacks.get(&id) {
+                    _ if id == NO_STACK => {}
+                    Some(frames) => {
+                        for frame in frames {
                             stack.push(profile.intern(frame.clone()));
                         }
                     }
+                    None => stack.push(profile.intern(lost.clone())),
                 }
             }
+            let thread = threads
+                .get(&key.tid)
+                .map(|(_, name)| name.as_str())
+                .or_else(|| thread_names.get(&key.tid).map(String::as_str))
+                .unwrap_or("");
+            profile.add(key.tid, thread, stack, *count);
         }
-        let thread = raw
-            .threads
-            .get(&key.tid)
-            .map(|(_, name)| name.as_str())
-            .or_else(|| thread_names.get(&key.tid).map(String::as_str))
-            .unwrap_or("");
-        profile.add(key.tid, thread, stack, *count);
+        profile
     }
-    profile
 }
 
 #[cfg(test)]

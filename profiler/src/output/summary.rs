@@ -2,10 +2,10 @@
 
 use serde::Serialize;
 
-use crate::{profile::TopEntry, sampler::Stats};
+use crate::{event_loop::LoopReport, profile::TopEntry, sampler::Stats};
 
 #[derive(Debug, Serialize)]
-pub struct Summary {
+pub struct Summary<'a> {
     pub pid: u32,
     /// Command line of the profiled process.
     pub command: String,
@@ -28,6 +28,8 @@ pub struct Summary {
     pub command_run: Option<String>,
     pub perf_map: Option<String>,
     pub kernel_counters: Stats,
+    /// Event-loop iteration statistics, when the target has a loop thread.
+    pub event_loop: Option<&'a LoopReport>,
     pub threads: Vec<ThreadShare>,
     pub top_self: Vec<TopEntry>,
     pub top_total: Vec<TopEntry>,
