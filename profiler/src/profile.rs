@@ -56,6 +56,10 @@ impl Frame {
                     rest.trim_start_matches(['*', '~', '^', '+'])
                 }),
         };
+        // An anonymous function has only its location after the mark.
+        if name.starts_with(' ') {
+            return Self::new(&format!("(anonymous){name}"), FrameKind::Jit);
+        }
         Self::new(name, FrameKind::Jit)
     }
 
