@@ -100,7 +100,6 @@ impl Target {
     pub fn spawn(cmd: &mut Command) -> Self {
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {cmd:?}: {err}"));
         Self { child }
