@@ -133,6 +133,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
             let started = spawn(&args.command)?;
             let pid = started.id().context("the command exited at once")?;
             child = Some(started);
+            wait_for_exec(pid);
             pid
         }
     };
@@ -452,6 +453,20 @@ fn spawn(command: &[String]) -> anyhow::Result<Child> {
         .args(rest)
         .spawn()
         .with_context(|| format!("cannot run `{}`", command.join(" ")))
+}
+
+/// Waits, briefly, until a just-spawned child has replaced this program's
+/// image with the command's, so that its name and mappings are the
+/// command's.
+fn wait_for_exec(pid: u32) {
+    let ours = std::fs::read_link("/proc/self/exe").ok();
+    for _ in 0..400 {
+        match std::fs::read_link(procfs::proc_path(pid, "exe")) {
+            Ok(exe) if Some(&exe) != ours.as_ref() => return,
+            Err(_) => return,
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
 }
 
 /// Ends a command still running when profiling stops: SIGTERM, then

@@ -22,6 +22,75 @@ use crate::{root, step};
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 pub fn run(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
+    attach_cost(duration_s, frequency_hz)?;
+    syscall_cost(frequency_hz)?;
+    event_loop_overhead(frequency_hz)
+}
+
+/// Calls per syscall measurement, and rounds.
+const SPIN_CALLS: u64 = 1_000_000;
+const SPIN_ROUNDS: usize = 5;
+
+/// What event-loop tracking adds to one syscall: an epoll wait (once per
+/// loop iteration, in the target) and any other syscall (on the whole
+/// host, since the syscall tracepoints are global). Bare and tracked runs
+/// alternate; medians are reported.
+fn syscall_cost(frequency_hz: u64) -> anyhow::Result<()> {
+    let root = root();
+    let profiler = root.join("target/release/profiler");
+    let spin = root.join("target/fixtures/syscall_spin");
+    crate::run(
+        Command::new("gcc")
+            .args(["-O2", "-o"])
+            .arg(&spin)
+            .arg(root.join("tests/fixtures/syscall_spin.c")),
+    )?;
+    step("measuring what event-loop tracking adds to a syscall");
+    let calls = SPIN_CALLS.to_string();
+    let mut figures = serde_json::Map::new();
+    for mode in ["epoll", "getppid"] {
+        let (mut bare, mut tracked) = (Vec::new(), Vec::new());
+        for _ in 0..SPIN_ROUNDS {
+            let out = Command::new(&spin).args([mode, &calls]).output()?;
+            bare.push(String::from_utf8(out.stdout)?.trim().parse::<f64>()?);
+            // The spinner waits a second so that the probes are in place.
+            let out = Command::new(&profiler)
+                .args(["attach", "--quiet", "-F", &frequency_hz.to_string(), "-o"])
+                .arg(root.join("target/bench/spin-profile"))
+                .arg("--")
+                .arg(&spin)
+                .args([mode, &calls, "1000"])
+                .stderr(Stdio::null())
+                .output()?;
+            let first = String::from_utf8(out.stdout)?;
+            let first = first.lines().next().unwrap_or_default().trim().to_owned();
+            tracked.push(
+                first
+                    .parse::<f64>()
+                    .with_context(|| format!("the spinner under the profiler printed {first:?}"))?,
+            );
+        }
+        let (bare_ns, tracked_ns) = (median(&bare), median(&tracked));
+        println!(
+            "  {mode:<8} bare {bare_ns:>7.1} ns, tracked {tracked_ns:>7.1} ns: +{:.1} ns per call",
+            tracked_ns - bare_ns
+        );
+        figures.insert(
+            mode.to_owned(),
+            serde_json::json!({
+                "bare_ns": spread(&bare),
+                "tracked_ns": spread(&tracked),
+                "added_ns": round2(tracked_ns - bare_ns),
+            }),
+        );
+    }
+    let path = root.join("target/bench/syscall-cost.json");
+    fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")?;
+    println!("figures saved to {}", path.display());
+    Ok(())
+}
+
+fn attach_cost(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
     if duration_s < 10 {
         bail!("the benchmark needs at least 10 s of sampling");
     }
@@ -37,12 +106,13 @@ pub fn run(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
         Command::new("node")
             .arg("--perf-basic-prof-only-functions")
             .arg("--interpreted-frames-native-stack")
-            .arg(root.join("tests/fixtures/hot.js")),
+            .arg(root.join("tests/fixtures/hot.js"))
+            .stdout(Stdio::null()),
     )?;
     let spinner = root.join("target/fixtures/bench-spin");
     compile_spinner(&spinner)?;
     for _ in 1..cores {
-        workload.spawn(&mut Command::new(&spinner))?;
+        workload.spawn(Command::new(&spinner).stdout(Stdio::null()))?;
     }
     thread::sleep(Duration::from_secs(2));
 
@@ -140,7 +210,6 @@ struct Workload(Vec<Child>);
 impl Workload {
     fn spawn(&mut self, cmd: &mut Command) -> anyhow::Result<u32> {
         let child = cmd
-            .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {cmd:?}"))?;
         let pid = child.id();
@@ -258,4 +327,182 @@ fn wait_with_rusage(child: &mut Child) -> anyhow::Result<Usage> {
         cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
         max_rss_kib: usage.ru_maxrss,
     })
+}
+
+/// Rounds of the event-loop overhead measurement, and requests per run.
+const LOOP_ROUNDS: usize = 5;
+const LOOP_REQUESTS: u64 = 60_000;
+/// Upper bound on one load run.
+const LOOP_LOAD_MAX_S: u64 = 30;
+
+/// The cost of a node HTTP server under load, with no profiler, with the
+/// profiler without event-loop tracking, and with it: the server's CPU time
+/// per request, and its throughput. The uprobes' cost is charged to the
+/// server's CPU time, which varies far less than throughput on a shared
+/// machine. The configurations are interleaved round by round so that drift
+/// hits them alike; the median of the rounds is reported.
+fn event_loop_overhead(frequency_hz: u64) -> anyhow::Result<()> {
+    let root = root();
+    let example = root.join("examples/dashboard-api");
+    crate::setup::npm_packages(&example)?;
+    let autocannon = example.join("node_modules/autocannon/autocannon.js");
+    let profiler = root.join("target/release/profiler");
+
+    step("measuring event-loop tracking overhead on an HTTP server under load");
+    let mut workload = Workload::default();
+    let log = root.join("target/bench/loop-server.log");
+    let server = workload.spawn(
+        Command::new("node")
+            .arg(root.join("tests/fixtures/blocking-server.js"))
+            .args(["0", "0"])
+            .stdout(fs::File::create(&log)?),
+    )?;
+    let port = wait_for_port(&log)?;
+
+    let configs: [(&str, Option<&[&str]>); 3] = [
+        ("no profiler", None),
+        ("profiler, event loop off", Some(&["--no-event-loop"])),
+        ("profiler, event loop on", Some(&[])),
+    ];
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len()];
+    // A warm-up so that V8 has optimized the server.
+    load(&autocannon, port, LOOP_REQUESTS / 4)?;
+    for round in 0..LOOP_ROUNDS {
+        for (i, (name, flags)) in configs.iter().enumerate() {
+            let mut attached = match flags {
+                Some(flags) => Some(
+                    Command::new(&profiler)
+                        .args(["attach", "--quiet", "-p", &server.to_string()])
+                        .args(["-F", &frequency_hz.to_string()])
+                        .args(["-d", &(LOOP_LOAD_MAX_S + 5).to_string()])
+                        .arg("-o")
+                        .arg(root.join("target/bench/loop-profile"))
+                        .args(*flags)
+                        .stdout(Stdio::null())
+                        .spawn()?,
+                ),
+                None => None,
+            };
+            thread::sleep(Duration::from_millis(700));
+            let cpu_before = cpu_time_s(server)?;
+            let rps = load(&autocannon, port, LOOP_REQUESTS)?;
+            let cpu_us = (cpu_time_s(server)? - cpu_before) * 1e6 / LOOP_REQUESTS as f64;
+            if let Some(child) = attached.as_mut() {
+                // SAFETY: kill has no memory-safety preconditions; the pid
+                // is our unreaped child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                let status = child.wait()?;
+                if !status.success() {
+                    bail!("the profiler failed during the load ({status})");
+                }
+            }
+            println!(
+                "  round {}: {name:<26} {cpu_us:>6.1} µs CPU/request {rps:>9.0} req/s",
+                round + 1
+            );
+            results[i].push((cpu_us, rps));
+        }
+    }
+    drop(workload);
+
+    let summary: Vec<serde_json::Value> = configs
+        .iter()
+        .zip(&results)
+        .map(|((name, _), runs)| {
+            let cpu: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let rps: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            serde_json::json!({
+                "config": name,
+                "cpu_us_per_request": spread(&cpu),
+                "requests_per_s": spread(&rps),
+            })
+        })
+        .collect();
+    let cpu = |i: usize| median(&results[i].iter().map(|r| r.0).collect::<Vec<_>>());
+    let rps = |i: usize| median(&results[i].iter().map(|r| r.1).collect::<Vec<_>>());
+    let (none, off, on) = (cpu(0), cpu(1), cpu(2));
+    let tracking_cost_percent = 100.0 * (on - off) / off;
+    let throughput_loss_percent = 100.0 * (rps(1) - rps(2)) / rps(1);
+    let figures = serde_json::json!({
+        "rounds": LOOP_ROUNDS,
+        "requests_per_run": LOOP_REQUESTS,
+        "frequency_hz": frequency_hz,
+        "configs": summary,
+        "event_loop_tracking_cpu_cost_percent": round2(tracking_cost_percent),
+        "event_loop_tracking_throughput_loss_percent": round2(throughput_loss_percent),
+        "profiler_with_tracking_vs_none_cpu_percent": round2(100.0 * (on - none) / none),
+    });
+    let path = root.join("target/bench/event-loop.json");
+    fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")?;
+    println!("\nevent-loop tracking, HTTP server under load (medians of {LOOP_ROUNDS} rounds):");
+    println!(
+        "  no profiler          {none:>6.1} µs CPU/request {:>9.0} req/s",
+        rps(0)
+    );
+    println!(
+        "  profiler, loop off   {off:>6.1} µs CPU/request {:>9.0} req/s",
+        rps(1)
+    );
+    println!(
+        "  profiler, loop on    {on:>6.1} µs CPU/request {:>9.0} req/s",
+        rps(2)
+    );
+    println!("  server CPU added by loop tracking: {tracking_cost_percent:.2}%");
+    println!("  throughput lost to loop tracking:  {throughput_loss_percent:.2}% (noisy)");
+    println!("figures saved to {}", path.display());
+    Ok(())
+}
+
+/// Median with min and max.
+fn spread(values: &[f64]) -> serde_json::Value {
+    serde_json::json!({
+        "median": round2(median(values)),
+        "min": round2(values.iter().copied().fold(f64::INFINITY, f64::min)),
+        "max": round2(values.iter().copied().fold(0.0, f64::max)),
+    })
+}
+
+/// Sends `requests` requests with autocannon to the loopback port, bounded
+/// in time too, and returns requests/s.
+fn load(autocannon: &Path, port: u16, requests: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let out = Command::new("node")
+        .arg(autocannon)
+        .args(["-c", "32", "-a", &requests.to_string()])
+        .args(["-d", &LOOP_LOAD_MAX_S.to_string(), "-j"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stderr(Stdio::null())
+        .output()
+        .context("cannot run autocannon")?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("autocannon printed no JSON")?;
+    let total = report["requests"]["total"]
+        .as_f64()
+        .context("no requests.total in autocannon's report")?;
+    // autocannon's own duration is rounded to seconds; the wall clock,
+    // start-up included, is the same for every configuration.
+    Ok(total / started.elapsed().as_secs_f64())
+}
+
+fn wait_for_port(log: &Path) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        if let Some(port) = fs::read_to_string(log)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse().ok())
+        {
+            return Ok(port);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the benchmark server did not start")
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }

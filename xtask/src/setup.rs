@@ -124,3 +124,24 @@ pub fn has_working(program: &str, args: &[&str]) -> bool {
         .output()
         .is_ok_and(|out| out.status.success())
 }
+
+/// Installs the npm packages of a folder when `node_modules` is missing or
+/// older than the lock file.
+pub fn npm_packages(dir: &Path) -> anyhow::Result<()> {
+    let modules = dir.join("node_modules");
+    let lock = dir.join("package-lock.json");
+    let fresh = match (fs::metadata(&modules), fs::metadata(&lock)) {
+        (Ok(modules), Ok(lock)) => modules.modified()? >= lock.modified()?,
+        _ => false,
+    };
+    if fresh {
+        return Ok(());
+    }
+    if !has_working("npm", &["--version"]) {
+        debian_packages(&["npm"])?;
+    }
+    step(&format!("installing npm packages in {}", dir.display()));
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir))
+}
