@@ -40,6 +40,11 @@ pub const LOOP_EVENTS_BYTES: u32 = 1 << 20;
 /// two of microseconds, up to 2^40 µs.
 pub const HIST_BUCKETS: u32 = 41 * HIST_SUB_BUCKETS;
 
+/// The loop-iteration histogram holds two of [`HIST_BUCKETS`]: first for
+/// main threads (thread id equal to process id), then for the others, such
+/// as node's worker threads.
+pub const HIST_GROUPS: u32 = 2;
+
 /// Sub-buckets per power of two; 8 gives a relative width of 12.5% at most.
 pub const HIST_SUB_BUCKETS: u32 = 8;
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, HIST_BUCKETS, LOOP_EVENTS_BYTES,
+    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, HIST_BUCKETS, HIST_GROUPS, LOOP_EVENTS_BYTES,
     LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, NO_STACK, STACK_LOST, SampleKey, TARGET_ENTRIES,
     THREAD_ENTRIES, ThreadInfo, hist_bucket, loop_event, stat,
 };
@@ -64,7 +64,7 @@ static LOOP_EVENTS: RingBuf = RingBuf::with_byte_size(LOOP_EVENTS_BYTES, 0);
 
 /// Loop-iteration durations, bucketed by `profiler_common::hist_bucket`.
 #[map]
-static LOOP_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS, 0);
+static LOOP_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS * HIST_GROUPS, 0);
 
 const EFAULT: i32 = 14;
 
@@ -195,7 +195,8 @@ fn wait_enter() {
 
     let duration_ns = now.saturating_sub(state.iteration_start_ns);
     bump(stat::LOOP_ITERATIONS);
-    if let Some(bucket) = LOOP_HIST.get_ptr_mut(hist_bucket(duration_ns / 1000)) {
+    let group = if tid == state.pid { 0 } else { HIST_BUCKETS };
+    if let Some(bucket) = LOOP_HIST.get_ptr_mut(group + hist_bucket(duration_ns / 1000)) {
         // SAFETY: per-CPU slot of this CPU.
         unsafe { *bucket += 1 };
     }

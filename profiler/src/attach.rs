@@ -341,6 +341,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         threads: thread_shares(&profile),
         top_self: profile.top_self(TOP_ROWS),
         top_total: profile.top_total(TOP_ROWS),
+        top_js: profile.top_js(TOP_ROWS),
         timings_ms: Timings {
             load: load_ms,
             collect: collect_ms,
@@ -624,38 +625,45 @@ fn print_report(summary: &Summary, event_loop: Option<&LoopReport>, written: &[P
     }
     if let Some(report) = event_loop {
         out.push_str(&format!(
-            "\nevent loop: {} thread(s), {} iterations; p50 {:.2} ms, p90 {:.2} ms, \
-             p99 {:.2} ms, max {:.1} ms\n",
-            report.threads,
-            report.iterations,
-            report.p50_ms,
-            report.p90_ms,
-            report.p99_ms,
-            report.max_ms
+            "\nevent loop: {} iterations on {} thread(s); {} blocking episode(s) of {} ms or more\n",
+            report.iterations, report.threads, report.episode_count, report.threshold_ms
         ));
-        out.push_str(&format!(
-            "  {} blocking episode(s) of {} ms or more",
-            report.episode_count, report.threshold_ms
-        ));
+        for (role, stats) in [
+            ("main thread", &report.main_thread),
+            ("other threads", &report.other_threads),
+        ] {
+            if stats.threads == 0 {
+                continue;
+            }
+            out.push_str(&format!(
+                "  {role:<13} p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} episode(s)\n",
+                stats.p50_ms, stats.p90_ms, stats.p99_ms, stats.max_ms, stats.episode_count
+            ));
+        }
         if report.episode_count > 0 {
-            out.push_str(", longest:\n");
+            out.push_str("  longest:\n");
             for episode in report.episodes.iter().take(3) {
                 let culprit = episode
                     .culprit()
                     .map(|row| format!("{} ({:.0}%)", shorten(&row.frame, 70), row.percent))
                     .unwrap_or_else(|| "no samples".to_owned());
-                let off_cpu = if episode.off_cpu {
-                    format!(", {:.0} ms off-CPU", episode.off_cpu_ms)
+                let role = if episode.main_thread {
+                    "main"
                 } else {
-                    String::new()
+                    "worker"
                 };
+                let mut notes = String::new();
+                if episode.off_cpu {
+                    notes.push_str(&format!(", {:.0} ms off-CPU", episode.off_cpu_ms));
+                }
+                if episode.in_progress {
+                    notes.push_str(", still running at the stop");
+                }
                 out.push_str(&format!(
-                    "  {:>8.1} ms  {} at {:.2} s{off_cpu}: {culprit}\n",
-                    episode.duration_ms, episode.thread, episode.start_s
+                    "  {:>8.1} ms  {} ({role}, tid {}) at {:.2} s{notes}: {culprit}\n",
+                    episode.duration_ms, episode.thread, episode.tid, episode.start_s
                 ));
             }
-        } else {
-            out.push('\n');
         }
     }
     out.push_str("\nwrote:\n");

@@ -4,11 +4,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use profiler_common::{LoopEvent, LoopThread, SampleKey, hist_bucket_floor_us, loop_event};
+use profiler_common::{
+    HIST_BUCKETS, LoopEvent, LoopThread, SampleKey, hist_bucket_floor_us, loop_event,
+};
 use serde::Serialize;
 
 use crate::{
-    profile::{FrameKind, Profile, TopEntry},
+    profile::{Profile, TopEntry},
     symbolize::ResolvedStacks,
 };
 
@@ -31,6 +33,11 @@ pub struct LoopReport {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub episode_count: usize,
+    /// The same figures for main threads only (thread id equal to process
+    /// id: node's main loop), and for the other loop threads (worker
+    /// threads).
+    pub main_thread: LoopStats,
+    pub other_threads: LoopStats,
     /// Samples taken inside episodes.
     pub episode_samples: u64,
     /// Loop events lost because the ring buffer was full.
@@ -39,11 +46,25 @@ pub struct LoopReport {
     pub episodes: Vec<Episode>,
 }
 
+/// Iteration statistics of a group of loop threads.
+#[derive(Debug, Default, Serialize)]
+pub struct LoopStats {
+    pub threads: usize,
+    pub iterations: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub episode_count: usize,
+}
+
 /// One loop iteration that lasted at least the threshold.
 #[derive(Debug, Serialize)]
 pub struct Episode {
     pub tid: u32,
     pub thread: String,
+    /// On the process's main thread, rather than a worker thread.
+    pub main_thread: bool,
     /// Seconds from the start of profiling.
     pub start_s: f64,
     /// Wall-clock start, RFC 3339 in UTC.
@@ -170,9 +191,20 @@ pub fn analyze(
         let on_cpu_ms = (sample_count as f64 * 1000.0 / frequency_hz as f64).min(duration_ms);
         // Negative for an iteration that began before sampling did.
         let start_offset_s = (start_ns as f64 - clock.start_mono_ns as f64) / 1e9;
+        let pid = keys
+            .first()
+            .map(|key| key.pid)
+            .or_else(|| {
+                data.threads
+                    .iter()
+                    .find(|(t, _)| *t == tid)
+                    .map(|(_, s)| s.pid)
+            })
+            .unwrap_or(0);
         episodes.push(Episode {
             tid,
             thread: name_of(tid),
+            main_thread: tid == pid,
             start_s: round3(start_offset_s),
             start_time: rfc3339(
                 clock.start_unix_s + (start_ns as f64 - clock.start_mono_ns as f64) / 1e9,
@@ -184,7 +216,7 @@ pub fn analyze(
             off_cpu: on_cpu_ms < duration_ms * OFF_CPU_SHARE,
             in_progress,
             top_self: profile.top_self(EPISODE_TOP_ROWS),
-            top_js: profile.top_innermost(FrameKind::Jit, EPISODE_TOP_ROWS),
+            top_js: profile.top_js(EPISODE_TOP_ROWS),
             key: (tid, iteration),
         });
     }
@@ -196,16 +228,57 @@ pub fn analyze(
 
     let all_counts: Vec<(SampleKey, u64)> = all_counts.into_iter().collect();
     let blocking = resolved.profile(&all_counts, thread_names, proc_names);
-    let iterations: u64 = data.histogram.iter().sum();
+    let buckets = HIST_BUCKETS as usize;
+    let group = |index: usize| -> &[u64] {
+        data.histogram
+            .get(index * buckets..(index + 1) * buckets)
+            .unwrap_or(&[])
+    };
+    let all: Vec<u64> = (0..buckets)
+        .map(|b| group(0).get(b).copied().unwrap_or(0) + group(1).get(b).copied().unwrap_or(0))
+        .collect();
+    let stats = |histogram: &[u64], main: bool| -> LoopStats {
+        let mine = episodes.iter().filter(|e| e.main_thread == main);
+        let longest_episode_ns = mine
+            .clone()
+            .map(|e| e.duration_ms * 1e6)
+            .fold(0.0, f64::max);
+        // Exact from episodes when there are any; else the top of the
+        // highest non-empty bucket, never above the overall maximum.
+        let max_ns = if longest_episode_ns > 0.0 {
+            longest_episode_ns as u64
+        } else {
+            histogram
+                .iter()
+                .rposition(|&n| n > 0)
+                .map_or(0, |b| hist_bucket_floor_us(b as u32 + 1) * 1000)
+                .min(data.max_ns)
+        };
+        LoopStats {
+            threads: data
+                .threads
+                .iter()
+                .filter(|(tid, state)| (*tid == state.pid) == main)
+                .count(),
+            iterations: histogram.iter().sum(),
+            p50_ms: percentile_ms(histogram, 0.50, max_ns),
+            p90_ms: percentile_ms(histogram, 0.90, max_ns),
+            p99_ms: percentile_ms(histogram, 0.99, max_ns),
+            max_ms: round3(max_ns as f64 / 1e6),
+            episode_count: mine.count(),
+        }
+    };
     let report = LoopReport {
         threshold_ms: data.threshold_ns as f64 / 1e6,
         threads: data.threads.len(),
-        iterations,
-        p50_ms: percentile_ms(data.histogram, 0.50, data.max_ns),
-        p90_ms: percentile_ms(data.histogram, 0.90, data.max_ns),
-        p99_ms: percentile_ms(data.histogram, 0.99, data.max_ns),
+        iterations: all.iter().sum(),
+        p50_ms: percentile_ms(&all, 0.50, data.max_ns),
+        p90_ms: percentile_ms(&all, 0.90, data.max_ns),
+        p99_ms: percentile_ms(&all, 0.99, data.max_ns),
         max_ms: round3(data.max_ns as f64 / 1e6),
         episode_count: episodes.len(),
+        main_thread: stats(group(0), true),
+        other_threads: stats(group(1), false),
         episode_samples: blocking.total(),
         events_lost: data.events_lost,
         episodes,

@@ -63,6 +63,17 @@ impl Frame {
         Self::new(name, FrameKind::Jit)
     }
 
+    /// Whether the frame is a JavaScript function, rather than native code
+    /// or one of V8's own code objects (`Builtin:ArrayPush`).
+    pub fn is_js(&self) -> bool {
+        self.kind == FrameKind::Jit
+            && !self
+                .name
+                .split_whitespace()
+                .next()
+                .is_some_and(|first| first.contains(':'))
+    }
+
     pub fn set_location(&mut self, file: &str, line: Option<u32>) {
         self.file = Some(file.to_owned());
         self.line = line;
@@ -200,10 +211,10 @@ impl Profile {
         rows
     }
 
-    /// The `n` frames of `kind` that most often are the innermost frame of
-    /// that kind in a sample: for JIT frames, the JS function that was
-    /// running, whatever builtin or native code it had called.
-    pub fn top_innermost(&self, kind: FrameKind, n: usize) -> Vec<TopEntry> {
+    /// The `n` JavaScript functions that were running most often: the
+    /// innermost JS frame of each sample. V8's own code objects in a perf
+    /// map (`Builtin:`, `Stub:`, `BytecodeHandler:`…) are not JS functions.
+    pub fn top_js(&self, n: usize) -> Vec<TopEntry> {
         let mut by_frame: HashMap<(&str, FrameKind), u64> = HashMap::new();
         for sample in &self.samples {
             let innermost = sample
@@ -211,7 +222,7 @@ impl Profile {
                 .iter()
                 .rev()
                 .map(|&index| &self.frames[index])
-                .find(|frame| frame.kind == kind);
+                .find(|frame| frame.is_js());
             if let Some(frame) = innermost {
                 *by_frame.entry((&frame.name, frame.kind)).or_default() += sample.count;
             }
@@ -314,8 +325,9 @@ mod tests {
             ),
             ("t", &[("main", Native), ("outer", Jit)], 1),
             ("t", &[("main", Native)], 1),
+            ("t", &[("outer", Jit), ("Builtin:ArrayPush", Jit)], 0),
         ]);
-        let top = profile.top_innermost(Jit, 5);
+        let top = profile.top_js(5);
         assert_eq!(top.len(), 2);
         assert_eq!((top[0].frame.as_str(), top[0].samples), ("inner", 3));
         assert_eq!((top[1].frame.as_str(), top[1].samples), ("outer", 1));

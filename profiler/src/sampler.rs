@@ -17,7 +17,7 @@ use aya::{
 };
 use log::{debug, warn};
 use profiler_common::{
-    HIST_BUCKETS, LoopEvent, LoopThread, SampleKey, TASK_COMM_LEN, ThreadInfo, stat,
+    HIST_BUCKETS, HIST_GROUPS, LoopEvent, LoopThread, SampleKey, TASK_COMM_LEN, ThreadInfo, stat,
 };
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
@@ -133,14 +133,15 @@ impl Sampler {
         }
     }
 
-    /// Loop-iteration counts per histogram bucket, summed over CPUs.
+    /// Loop-iteration counts per histogram bucket, summed over CPUs: main
+    /// threads' buckets, then the other threads'.
     pub fn loop_histogram(&self) -> anyhow::Result<Vec<u64>> {
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
             self.ebpf
                 .map("LOOP_HIST")
                 .context("map LOOP_HIST is missing")?,
         )?;
-        (0..HIST_BUCKETS)
+        (0..HIST_BUCKETS * HIST_GROUPS)
             .map(|bucket| Ok(map.get(&bucket, 0)?.iter().sum()))
             .collect()
     }

@@ -131,6 +131,7 @@ fn every_blocking_episode_is_found_with_its_duration_and_function() {
             "episode starts {start} vs {block_start}"
         );
         assert_eq!(episode["thread"], "node");
+        assert_eq!(episode["main_thread"], true);
         assert_eq!(episode["off_cpu"], false, "{episode}");
         let culprit = episode["top_js"][0]["frame"].as_str().unwrap();
         assert!(culprit.starts_with("blockTheLoop "), "{culprit}");
@@ -191,10 +192,16 @@ fn every_blocking_episode_is_found_with_its_duration_and_function() {
     let max = event_loop["max_ms"].as_f64().unwrap();
     assert!((180.0..240.0).contains(&max), "{max}");
     assert!(event_loop["p50_ms"].as_f64().unwrap() < 20.0);
-    assert!(
-        run.stdout()
-            .contains("blocking episode(s) of 50 ms or more, longest:")
+    assert_eq!(
+        event_loop["main_thread"]["episode_count"].as_u64(),
+        Some(episodes.len() as u64)
     );
+    let stdout = run.stdout();
+    assert!(
+        stdout.contains("blocking episode(s) of 50 ms or more"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(main, tid"), "{stdout}");
 }
 
 #[test]

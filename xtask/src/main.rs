@@ -4,6 +4,7 @@
 //! it is missing, so that a fresh machine needs nothing done by hand.
 
 mod bench;
+mod demo;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -27,6 +28,10 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build, then run the worked investigation of the example API:
+    /// profile the baseline and the fixed variant under load and write the
+    /// flame graphs, a differential flame graph and a report to target/demo.
+    Demo,
     /// Build, then measure the profiler's own CPU, memory and latency
     /// while it samples a busy target.
     Bench {
@@ -43,6 +48,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Build => build(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Demo => {
+            build()?;
+            demo::run()
+        }
         Task::Bench {
             duration,
             frequency,

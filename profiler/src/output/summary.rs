@@ -33,6 +33,8 @@ pub struct Summary<'a> {
     pub threads: Vec<ThreadShare>,
     pub top_self: Vec<TopEntry>,
     pub top_total: Vec<TopEntry>,
+    /// JavaScript functions that were running, most samples first.
+    pub top_js: Vec<TopEntry>,
     pub timings_ms: Timings,
 }
 
