@@ -12,14 +12,46 @@ pub const TASK_COMM_LEN: usize = 16;
 
 /// Stack id recorded when no stack of that kind exists for the sample, for
 /// example the kernel stack of a sample taken in user mode.
-pub const NO_STACK: i32 = -1;
+pub const NO_STACK: u64 = 0;
 
-/// Stack id recorded when the kernel failed to store the stack: a bucket
-/// collision in the stack map, or a fault while walking it.
-pub const STACK_LOST: i32 = -2;
+/// Stack id recorded when the stack could not be stored: the stack map was
+/// full, or the walk failed.
+pub const STACK_LOST: u64 = 1;
 
-/// Default capacity of the stack-trace map, in distinct stacks.
-pub const DEFAULT_STACK_ENTRIES: u32 = 32 * 1024;
+/// Most frames kept per stack, as the kernel's own limit.
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Default capacity of the stack map, in distinct stacks. Entries are
+/// allocated as stacks arrive, so an unused capacity costs no memory.
+pub const DEFAULT_STACK_ENTRIES: u32 = 64 * 1024;
+
+/// A stack as stored in the stack map, keyed by a 64-bit hash of its frames.
+///
+/// The kernel's own stack-trace map has one slot per hash bucket and drops
+/// a stack whose bucket is taken; a hash map keyed by a 64-bit hash of the
+/// frames keeps every distinct stack until it is full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stack {
+    /// Number of valid entries in `ips`.
+    pub len: u64,
+    /// Instruction pointers, leaf first.
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+
+/// The id of a stack: FNV-1a over its frames, moved off the sentinels.
+#[inline(always)]
+pub fn stack_hash(ips: &[u64; MAX_STACK_DEPTH], len: usize) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..MAX_STACK_DEPTH {
+        if i >= len {
+            break;
+        }
+        hash ^= ips[i];
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if hash <= STACK_LOST { hash + 2 } else { hash }
+}
 
 /// Default capacity of the per-stack counts map.
 pub const DEFAULT_COUNT_ENTRIES: u32 = 64 * 1024;
@@ -132,10 +164,10 @@ pub struct LoopEvent {
     pub kind: u32,
     pub pid: u32,
     pub tid: u32,
-    /// Sample only: stack ids as in [`SampleKey`].
-    pub user_stack_id: i32,
-    pub kernel_stack_id: i32,
     pub _pad: u32,
+    /// Sample only: stack ids as in [`SampleKey`].
+    pub user_stack_id: u64,
+    pub kernel_stack_id: u64,
     /// The iteration the event belongs to.
     pub iteration: u64,
     /// Episode: iteration start; sample: when it was taken (CLOCK_MONOTONIC).
@@ -152,10 +184,10 @@ pub struct SampleKey {
     pub pid: u32,
     /// Thread id.
     pub tid: u32,
-    /// Id in the stack-trace map, or [`NO_STACK`] / [`STACK_LOST`].
-    pub user_stack_id: i32,
-    /// Id in the stack-trace map, or [`NO_STACK`] / [`STACK_LOST`].
-    pub kernel_stack_id: i32,
+    /// Key in the stack map, or [`NO_STACK`] / [`STACK_LOST`].
+    pub user_stack_id: u64,
+    /// Key in the stack map, or [`NO_STACK`] / [`STACK_LOST`].
+    pub kernel_stack_id: u64,
 }
 
 /// Name of a sampled thread, as last seen by the eBPF program.
@@ -176,7 +208,7 @@ pub mod stat {
     pub const SAMPLES: u32 = 0;
     /// Timer ticks that found another task, or the idle task, on the CPU.
     pub const OTHER_TASK: u32 = 1;
-    /// User stacks that could not be stored (collision or fault).
+    /// User stacks that could not be stored (map full or walk failed).
     pub const USER_STACK_ERRORS: u32 = 2;
     /// Kernel stacks that could not be stored.
     pub const KERNEL_STACK_ERRORS: u32 = 3;
@@ -227,7 +259,10 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{LoopEvent, LoopThread, SampleKey, ThreadInfo};
+    use super::{LoopEvent, LoopThread, SampleKey, Stack, ThreadInfo};
+
+    // SAFETY: `repr(C)`, integer fields only, no padding.
+    unsafe impl aya::Pod for Stack {}
 
     // SAFETY: `repr(C)`, integer fields only, no implicit padding.
     unsafe impl aya::Pod for LoopThread {}

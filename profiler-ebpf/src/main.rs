@@ -14,16 +14,17 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    EbpfContext as _,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns},
     macros::{map, perf_event, raw_tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{PerfEventContext, RawTracePointContext, tracing::StackIdContext as _},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
     DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, HIST_BUCKETS, HIST_GROUPS, LOOP_EVENTS_BYTES,
-    LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, NO_STACK, STACK_LOST, SampleKey, TARGET_ENTRIES,
-    THREAD_ENTRIES, ThreadInfo, hist_bucket, loop_event, stat,
+    LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, MAX_STACK_DEPTH, NO_STACK, STACK_LOST, SampleKey,
+    Stack, TARGET_ENTRIES, THREAD_ENTRIES, ThreadInfo, hist_bucket, loop_event, stack_hash, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.
@@ -38,9 +39,15 @@ static BLOCK_THRESHOLD_NS: u64 = 50_000_000;
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(TARGET_ENTRIES, 0);
 
-/// Stacks, deduplicated by the kernel.
+/// Stacks by the hash of their frames. Not preallocated: memory is taken
+/// as distinct stacks arrive.
 #[map]
-static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_ENTRIES, 0);
+static STACKS: HashMap<u64, Stack> =
+    HashMap::with_max_entries(DEFAULT_STACK_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Per-CPU room to walk a stack into before it is hashed and stored.
+#[map]
+static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
 /// Sample counts per thread and stack pair.
 #[map]
@@ -66,7 +73,7 @@ static LOOP_EVENTS: RingBuf = RingBuf::with_byte_size(LOOP_EVENTS_BYTES, 0);
 #[map]
 static LOOP_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_BUCKETS * HIST_GROUPS, 0);
 
-const EFAULT: i32 = 14;
+const EEXIST: i32 = 17;
 
 #[perf_event]
 pub fn profile(ctx: PerfEventContext) -> u32 {
@@ -123,9 +130,9 @@ fn try_profile(ctx: &PerfEventContext) {
                 kind: loop_event::SAMPLE,
                 pid,
                 tid,
+                _pad: 0,
                 user_stack_id,
                 kernel_stack_id,
-                _pad: 0,
                 iteration,
                 start_ns: now,
                 end_ns: now,
@@ -216,9 +223,9 @@ fn wait_enter() {
             kind: loop_event::EPISODE,
             pid: state.pid,
             tid,
+            _pad: 0,
             user_stack_id: NO_STACK,
             kernel_stack_id: NO_STACK,
-            _pad: 0,
             iteration: state.iteration,
             start_ns: state.iteration_start_ns,
             end_ns: now,
@@ -258,17 +265,43 @@ fn send_loop_event(event: &LoopEvent) {
 }
 
 #[inline(always)]
-fn stack_id(ctx: &PerfEventContext, flags: u64, error_slot: u32) -> i32 {
-    match ctx.get_stackid(&STACKS, flags) {
-        Ok(id) => id as i32,
-        // No stack of this kind: a kernel thread has no user stack, and a
-        // sample taken in user mode has no kernel stack.
-        Err(err) if err == -EFAULT => NO_STACK,
-        Err(_) => {
-            bump(error_slot);
-            STACK_LOST
+fn stack_id(ctx: &PerfEventContext, flags: u64, error_slot: u32) -> u64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return STACK_LOST;
+    };
+    // SAFETY: the per-CPU slot of this CPU, used by one program run at a
+    // time; `ips` is large enough for the size passed.
+    let stack = unsafe { &mut *scratch };
+    let bytes = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            stack.ips.as_mut_ptr().cast(),
+            (MAX_STACK_DEPTH * 8) as u32,
+            flags,
+        )
+    };
+    if bytes < 0 {
+        bump(error_slot);
+        return STACK_LOST;
+    }
+    let len = (bytes as usize / 8).min(MAX_STACK_DEPTH);
+    // No stack of this kind: a kernel thread has no user stack, and a
+    // sample taken in user mode has no kernel stack.
+    if len == 0 {
+        return NO_STACK;
+    }
+    stack.len = len as u64;
+    let id = stack_hash(&stack.ips, len);
+    if STACKS.get_ptr(id).is_none() {
+        // EEXIST from a concurrent insert of the same stack is fine.
+        if let Err(err) = STACKS.insert(id, &*stack, BPF_NOEXIST as u64) {
+            if err != -EEXIST {
+                bump(error_slot);
+                return STACK_LOST;
+            }
         }
     }
+    id
 }
 
 #[inline(always)]

@@ -221,8 +221,8 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let stack_errors = stats.user_stack_errors + stats.kernel_stack_errors + raw.missing_stacks;
     if stack_errors > 0 {
         warn!(
-            "{stack_errors} stacks could not be stored (stack-map collisions or faults); \
-             they show as [stack lost]. A larger --stack-entries (now {}) makes collisions rarer",
+            "{stack_errors} stacks could not be stored (stack map full, or the walk failed); \
+             they show as [stack lost]. A larger --stack-entries (now {}) helps if it was full",
             args.stack_entries
         );
     }

@@ -48,8 +48,9 @@ pub struct AttachArgs {
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// Capacity of the kernel's stack map, in distinct stacks; raise it
-    /// when the summary reports stack errors.
+    /// Capacity of the kernel-side stack map, in distinct stacks; raise it
+    /// when the summary reports stack errors. Memory (about 1 KiB a stack)
+    /// is only taken as stacks arrive.
     #[arg(long, default_value_t = profiler_common::DEFAULT_STACK_ENTRIES, value_name = "N")]
     pub stack_entries: u32,
 

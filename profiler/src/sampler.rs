@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         PerfEvent, RawTracePoint,
         perf_event::{
@@ -17,7 +17,8 @@ use aya::{
 };
 use log::{debug, warn};
 use profiler_common::{
-    HIST_BUCKETS, HIST_GROUPS, LoopEvent, LoopThread, SampleKey, TASK_COMM_LEN, ThreadInfo, stat,
+    HIST_BUCKETS, HIST_GROUPS, LoopEvent, LoopThread, NO_STACK, STACK_LOST, SampleKey, Stack,
+    TASK_COMM_LEN, ThreadInfo, stat,
 };
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
@@ -55,7 +56,7 @@ pub struct Stats {
 pub struct RawProfile {
     pub counts: Vec<(SampleKey, u64)>,
     /// Stack id → addresses, leaf first.
-    pub stacks: StdHashMap<i32, Vec<u64>>,
+    pub stacks: StdHashMap<u64, Vec<u64>>,
     /// Thread id → (pid, name) as seen by the eBPF program.
     pub threads: BTreeMap<u32, (u32, String)>,
     /// Stack ids referenced by a count whose stack could not be read back.
@@ -227,8 +228,8 @@ impl Sampler {
     pub fn collect(&self) -> anyhow::Result<RawProfile> {
         let counts: HashMap<&MapData, SampleKey, u64> =
             HashMap::try_from(self.ebpf.map("COUNTS").context("map COUNTS is missing")?)?;
-        let stacks: StackTraceMap<&MapData> =
-            StackTraceMap::try_from(self.ebpf.map("STACKS").context("map STACKS is missing")?)?;
+        let stacks: HashMap<&MapData, u64, Stack> =
+            HashMap::try_from(self.ebpf.map("STACKS").context("map STACKS is missing")?)?;
         let threads: HashMap<&MapData, u32, ThreadInfo> =
             HashMap::try_from(self.ebpf.map("THREADS").context("map THREADS is missing")?)?;
 
@@ -241,13 +242,13 @@ impl Sampler {
 
         for (key, count) in &raw.counts {
             for id in [key.user_stack_id, key.kernel_stack_id] {
-                if id < 0 || raw.stacks.contains_key(&id) {
+                if id == NO_STACK || id == STACK_LOST || raw.stacks.contains_key(&id) {
                     continue;
                 }
-                match stacks.get(&(id as u32), 0) {
-                    Ok(trace) => {
-                        let frames = trace.frames().iter().map(|f| f.ip).collect();
-                        raw.stacks.insert(id, frames);
+                match stacks.get(&id, 0) {
+                    Ok(stack) => {
+                        let len = (stack.len as usize).min(stack.ips.len());
+                        raw.stacks.insert(id, stack.ips[..len].to_vec());
                     }
                     Err(err) => {
                         debug!("stack {id} is unreadable: {err}");

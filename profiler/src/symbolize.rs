@@ -178,7 +178,7 @@ pub struct ProcessSymbols<'a> {
 /// The stacks of a profile as frames, root first, by stack id.
 #[derive(Debug, Default)]
 pub struct ResolvedStacks {
-    stacks: HashMap<i32, Vec<Frame>>,
+    stacks: HashMap<u64, Vec<Frame>>,
 }
 
 impl ResolvedStacks {

@@ -105,6 +105,11 @@ impl Target {
         Self { child }
     }
 
+    /// Takes charge of a process already started.
+    pub fn adopt(child: Child) -> Self {
+        Self { child }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -99,6 +99,11 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     }
     run(&mut unit)?;
 
+    let example = root().join("examples/dashboard-api");
+    setup::npm_packages(&example)?;
+    step("example API tests (node --test)");
+    run(Command::new("npm").args(["test"]).current_dir(&example))?;
+
     step("integration tests against real processes");
     let mut integration = cargo();
     integration.args(["test", "--release", "--package", "integration-tests", "--"]);

@@ -137,9 +137,19 @@ pub fn npm_packages(dir: &Path) -> anyhow::Result<()> {
     if fresh {
         return Ok(());
     }
-    if !has_working("npm", &["--version"]) {
-        debian_packages(&["npm"])?;
+    // npm itself, and what better-sqlite3 needs when it builds from source.
+    let mut missing = Vec::new();
+    for (program, package) in [
+        ("npm", "npm"),
+        ("make", "make"),
+        ("g++", "g++"),
+        ("python3", "python3"),
+    ] {
+        if !has_working(program, &["--version"]) {
+            missing.push(package);
+        }
     }
+    debian_packages(&missing)?;
     step(&format!("installing npm packages in {}", dir.display()));
     run(Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund"])
