@@ -43,11 +43,11 @@ pub struct Stack {
 #[inline(always)]
 pub fn stack_hash(ips: &[u64; MAX_STACK_DEPTH], len: usize) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for i in 0..MAX_STACK_DEPTH {
+    for (i, &ip) in ips.iter().enumerate() {
         if i >= len {
             break;
         }
-        hash ^= ips[i];
+        hash ^= ip;
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     if hash <= STACK_LOST { hash + 2 } else { hash }
@@ -232,6 +232,20 @@ pub mod stat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stack_ids_depend_on_every_frame_and_skip_sentinels() {
+        let mut ips = [0u64; MAX_STACK_DEPTH];
+        ips[..3].copy_from_slice(&[0x401000, 0x402000, 0x403000]);
+        let three = stack_hash(&ips, 3);
+        assert_ne!(three, stack_hash(&ips, 2));
+        ips[2] = 0x403001;
+        assert_ne!(three, stack_hash(&ips, 3));
+        // Frames past the length do not count.
+        ips[50] = 7;
+        assert_eq!(stack_hash(&ips, 3), stack_hash(&ips, 3));
+        assert!(stack_hash(&ips, 0) > STACK_LOST);
+    }
 
     #[test]
     fn buckets_are_monotonic_and_floors_round_trip() {

@@ -113,27 +113,57 @@ fn check_trust(path: &Path, meta: &fs::Metadata, target_uid: u32) -> Result<(), 
     Ok(())
 }
 
-/// Code objects of a perf map, by start address.
+/// Code objects of a perf map, by start address, without overlaps.
 #[derive(Debug, Default)]
 pub struct PerfMap {
-    /// start → (end, name). A later line for the same start replaces the
-    /// earlier one: the JIT reused that memory for new code.
+    /// start → (end, name).
     entries: BTreeMap<u64, (u64, String)>,
 }
 
 impl PerfMap {
     /// Parses perf-map text. Lines that don't parse are skipped: the last
     /// line may be half-written while the JIT is still running.
+    ///
+    /// The JIT never logs that code died, only that new code was placed,
+    /// so a line overlapping earlier ones means that memory was reused:
+    /// the earlier entries are cut back to what the new one leaves free,
+    /// and a stale name cannot claim the new code's addresses.
     pub fn parse(text: &str) -> Self {
-        let mut entries = BTreeMap::new();
+        let mut map = Self::default();
         for line in text.lines() {
             if let Some((start, size, name)) = parse_line(line)
                 && size > 0
             {
-                entries.insert(start, (start.saturating_add(size), name.to_owned()));
+                map.insert(start, start.saturating_add(size), name);
             }
         }
-        Self { entries }
+        map
+    }
+
+    fn insert(&mut self, start: u64, end: u64, name: &str) {
+        // Entries that overlap [start, end): the one starting before it, if
+        // it reaches in, and every one starting inside it.
+        let mut overlapping: Vec<u64> = self
+            .entries
+            .range(..start)
+            .next_back()
+            .filter(|(_, (old_end, _))| *old_end > start)
+            .map(|(&old_start, _)| old_start)
+            .into_iter()
+            .collect();
+        overlapping.extend(self.entries.range(start..end).map(|(&s, _)| s));
+        for old_start in overlapping {
+            let Some((old_end, old_name)) = self.entries.remove(&old_start) else {
+                continue;
+            };
+            if old_start < start {
+                self.entries.insert(old_start, (start, old_name.clone()));
+            }
+            if old_end > end {
+                self.entries.insert(end, (old_end, old_name));
+            }
+        }
+        self.entries.insert(start, (end, name.to_owned()));
     }
 
     /// The name of the code object holding `addr`.
@@ -190,6 +220,23 @@ mod tests {
     fn later_entry_at_same_address_wins() {
         let map = PerfMap::parse("1000 10 JS:~old\n1000 10 JS:*new\n");
         assert_eq!(map.find(0x1004), Some("JS:*new"));
+    }
+
+    #[test]
+    fn new_code_cuts_back_the_stale_entries_it_overlaps() {
+        let map = PerfMap::parse(
+            "1000 100 JS:~stale /a.js:1:1\n\
+             1040 20 JS:*fresh /b.js:2:2\n\
+             10f0 20 JS:*spans /c.js:3:3\n",
+        );
+        assert_eq!(map.find(0x1010), Some("JS:~stale /a.js:1:1"));
+        assert_eq!(map.find(0x1045), Some("JS:*fresh /b.js:2:2"));
+        // Between the new entries the stale one still holds, as nothing
+        // newer claimed that memory.
+        assert_eq!(map.find(0x1070), Some("JS:~stale /a.js:1:1"));
+        assert_eq!(map.find(0x10f5), Some("JS:*spans /c.js:3:3"));
+        assert_eq!(map.find(0x1105), Some("JS:*spans /c.js:3:3"));
+        assert_eq!(map.find(0x1110), None);
     }
 
     #[test]
