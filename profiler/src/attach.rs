@@ -339,6 +339,15 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         kernel_counters: stats,
         event_loop: event_loop.as_ref().map(|(report, _)| report),
         threads: thread_shares(&profile),
+        main_thread_percent: {
+            let main: u64 = profile
+                .samples
+                .iter()
+                .filter(|s| s.tid == pid)
+                .map(|s| s.count)
+                .sum();
+            (main as f64 * 10000.0 / profile.total().max(1) as f64).round() / 100.0
+        },
         top_self: profile.top_self(TOP_ROWS),
         top_total: profile.top_total(TOP_ROWS),
         top_js: profile.top_js(TOP_ROWS),

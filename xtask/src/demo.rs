@@ -276,6 +276,15 @@ fn report(before: &Run, after: &Run) -> anyhow::Result<String> {
         writeln!(md, "| {label} | {} | {} | {ratio} |", fmt(b), fmt(a))?;
         Ok(())
     };
+    let (b, a) = (
+        num(&before.summary["main_thread_percent"]),
+        num(&after.summary["main_thread_percent"]),
+    );
+    writeln!(
+        md,
+        "| CPU samples on the main thread | {b:.0}% | {a:.0}% | {:.2}× |",
+        a / b
+    )?;
     loop_row("main event loop: iteration p50 (ms)", "p50_ms", &mut md)?;
     loop_row("main event loop: iteration p99 (ms)", "p99_ms", &mut md)?;
     loop_row("main event loop: longest iteration (ms)", "max_ms", &mut md)?;

@@ -31,6 +31,9 @@ pub struct Summary<'a> {
     /// Event-loop iteration statistics, when the target has a loop thread.
     pub event_loop: Option<&'a LoopReport>,
     pub threads: Vec<ThreadShare>,
+    /// Share of samples on the main thread (thread id equal to pid); the
+    /// rest ran on worker threads, the libuv pool or runtime helpers.
+    pub main_thread_percent: f64,
     pub top_self: Vec<TopEntry>,
     pub top_total: Vec<TopEntry>,
     /// JavaScript functions that were running, most samples first.
