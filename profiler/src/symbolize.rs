@@ -156,6 +156,25 @@ impl Symbolizer {
     }
 }
 
+/// Names the code V8 compiles regular expressions to.
+///
+/// That code is only entered from V8's `Builtins_RegExp…` builtins, and a
+/// perf map written with `--perf-basic-prof-only-functions` does not list
+/// it, so its addresses are unnamed or, worse, fall under the stale name of
+/// a function that used the same memory before. A JIT or unnamed frame
+/// called by a RegExp builtin is therefore the compiled pattern.
+fn name_regexp_code(stack: &mut [Frame]) {
+    for i in 1..stack.len() {
+        let called_by_regexp = stack[i - 1].kind == FrameKind::Native
+            && stack[i - 1].name.starts_with("Builtins_RegExp");
+        let opaque = matches!(stack[i].kind, FrameKind::Jit | FrameKind::Unknown)
+            && !stack[i].name.starts_with("RegExp:");
+        if called_by_regexp && opaque {
+            stack[i] = Frame::new("[compiled regexp]", FrameKind::Jit);
+        }
+    }
+}
+
 /// A frame in a known mapping that has no symbol for the address.
 fn unknown_in(module: &str) -> Frame {
     let name = module.trim_end_matches(" (deleted)");
@@ -226,11 +245,12 @@ impl ResolvedStacks {
                     &user
                 };
                 // Leaf first in the map; root first here.
-                let resolved = lookup_addrs(frames)
+                let mut resolved: Vec<Frame> = lookup_addrs(frames)
                     .into_iter()
                     .rev()
                     .flat_map(|addr| by_addr.get(&addr).into_iter().flatten().cloned())
                     .collect();
+                name_regexp_code(&mut resolved);
                 (id, resolved)
             })
             .collect();
@@ -305,6 +325,25 @@ mod tests {
         assert_eq!(frames[&0x1010][0].kind, FrameKind::Jit);
         assert_eq!(frames[&0x1010][0].name, "render /srv/view.js:3:9");
         assert_eq!(frames[&0x9000][0].name, "[unknown]");
+    }
+
+    #[test]
+    fn code_called_by_a_regexp_builtin_is_the_compiled_pattern() {
+        let mut stack = vec![
+            Frame::jit("JS:*searchEvents /a.js:1:1"),
+            Frame::new("Builtins_RegExpPrototypeTestFast", FrameKind::Native),
+            Frame::jit("JS:~ stale /old.js:1:1"),
+        ];
+        name_regexp_code(&mut stack);
+        assert_eq!(stack[2].name, "[compiled regexp]");
+        assert_eq!(stack[0].name, "searchEvents /a.js:1:1");
+
+        let mut unnamed = vec![
+            Frame::new("Builtins_RegExpExec", FrameKind::Native),
+            Frame::new("[anon]", FrameKind::Unknown),
+        ];
+        name_regexp_code(&mut unnamed);
+        assert_eq!(unnamed[1].name, "[compiled regexp]");
     }
 
     #[test]
