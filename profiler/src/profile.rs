@@ -63,10 +63,12 @@ impl Frame {
         Self::new(name, FrameKind::Jit)
     }
 
-    /// Whether the frame is a JavaScript function, rather than native code
-    /// or one of V8's own code objects (`Builtin:ArrayPush`).
+    /// Whether the frame is a JavaScript function, rather than native code,
+    /// one of V8's own code objects (`Builtin:ArrayPush`) or code named by
+    /// the profiler (`[compiled regexp]`).
     pub fn is_js(&self) -> bool {
         self.kind == FrameKind::Jit
+            && !self.name.starts_with('[')
             && !self
                 .name
                 .split_whitespace()
@@ -326,6 +328,7 @@ mod tests {
             ("t", &[("main", Native), ("outer", Jit)], 1),
             ("t", &[("main", Native)], 1),
             ("t", &[("outer", Jit), ("Builtin:ArrayPush", Jit)], 0),
+            ("t", &[("outer", Jit), ("[compiled regexp]", Jit)], 0),
         ]);
         let top = profile.top_js(5);
         assert_eq!(top.len(), 2);
