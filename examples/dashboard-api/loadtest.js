@@ -22,6 +22,7 @@ const path = require('node:path');
 const { execFileSync } = require('node:child_process');
 const { parseArgs } = require('node:util');
 const autocannon = require('autocannon');
+const { createRng } = require('./src/rng');
 
 // The mix. `weight` is the share of connections given to an endpoint; each
 // connection sends its next request as soon as the previous one is answered.
@@ -107,17 +108,6 @@ function checkLoopback(text) {
   return `${url.protocol}//${url.host}`;
 }
 
-// mulberry32, so two runs send the same sequence of requests.
-function createRng(seed) {
-  let a = seed >>> 0;
-  return function next() {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 // Splits `total` in proportion to `weights` (largest remainder method).
 function splitByWeight(total, weights) {

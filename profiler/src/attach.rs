@@ -577,7 +577,7 @@ fn write_event_loop(
         );
         let subtitle = format!(
             "{} episodes of {} ms or more, {} samples",
-            report.episode_count, report.threshold_ms, report.episode_samples
+            report.all.episode_count, report.threshold_ms, report.episode_samples
         );
         written.push(output::write_atomic(dir, "blocking.svg", |w| {
             output::flamegraph::write(&folded, &title, &subtitle, w)
@@ -635,7 +635,7 @@ fn print_report(summary: &Summary, event_loop: Option<&LoopReport>, written: &[P
     if let Some(report) = event_loop {
         out.push_str(&format!(
             "\nevent loop: {} iterations on {} thread(s); {} blocking episode(s) of {} ms or more\n",
-            report.iterations, report.threads, report.episode_count, report.threshold_ms
+            report.all.iterations, report.all.threads, report.all.episode_count, report.threshold_ms
         ));
         for (role, stats) in [
             ("main thread", &report.main_thread),
@@ -649,7 +649,7 @@ fn print_report(summary: &Summary, event_loop: Option<&LoopReport>, written: &[P
                 stats.p50_ms, stats.p90_ms, stats.p99_ms, stats.max_ms, stats.episode_count
             ));
         }
-        if report.episode_count > 0 {
+        if report.all.episode_count > 0 {
             out.push_str("  longest:\n");
             for episode in report.episodes.iter().take(3) {
                 let culprit = episode

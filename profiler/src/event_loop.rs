@@ -25,14 +25,9 @@ const EPISODE_TOP_ROWS: usize = 5;
 #[derive(Debug, Serialize)]
 pub struct LoopReport {
     pub threshold_ms: f64,
-    /// Threads seen waiting in epoll.
-    pub threads: usize,
-    pub iterations: u64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-    pub episode_count: usize,
+    /// All loop threads: those seen waiting in epoll.
+    #[serde(flatten)]
+    pub all: LoopStats,
     /// The same figures for main threads only (thread id equal to process
     /// id: node's main loop), and for the other loop threads (worker
     /// threads).
@@ -270,13 +265,15 @@ pub fn analyze(
     };
     let report = LoopReport {
         threshold_ms: data.threshold_ns as f64 / 1e6,
-        threads: data.threads.len(),
-        iterations: all.iter().sum(),
-        p50_ms: percentile_ms(&all, 0.50, data.max_ns),
-        p90_ms: percentile_ms(&all, 0.90, data.max_ns),
-        p99_ms: percentile_ms(&all, 0.99, data.max_ns),
-        max_ms: round3(data.max_ns as f64 / 1e6),
-        episode_count: episodes.len(),
+        all: LoopStats {
+            threads: data.threads.len(),
+            iterations: all.iter().sum(),
+            p50_ms: percentile_ms(&all, 0.50, data.max_ns),
+            p90_ms: percentile_ms(&all, 0.90, data.max_ns),
+            p99_ms: percentile_ms(&all, 0.99, data.max_ns),
+            max_ms: round3(data.max_ns as f64 / 1e6),
+            episode_count: episodes.len(),
+        },
         main_thread: stats(group(0), true),
         other_threads: stats(group(1), false),
         episode_samples: blocking.total(),
@@ -416,7 +413,7 @@ mod tests {
             &BTreeMap::new(),
             &BTreeMap::new(),
         );
-        assert_eq!(report.episode_count, 2);
+        assert_eq!(report.all.episode_count, 2);
         let first = &report.episodes[0];
         assert_eq!((first.tid, first.duration_ms, first.samples), (7, 200.0, 2));
         assert!((first.start_s - 0.1).abs() < 1e-9);

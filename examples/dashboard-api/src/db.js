@@ -7,6 +7,7 @@ const os = require('node:os');
 const path = require('node:path');
 const crypto = require('node:crypto');
 const Database = require('better-sqlite3');
+const { createRng } = require('./rng');
 const { hashPassword } = require('./workloads');
 
 // Seeded data spans this window; nothing depends on the wall clock, so the
@@ -90,17 +91,6 @@ const EVENT_TEMPLATES = {
 };
 const EVENT_TYPES = Object.keys(EVENT_TEMPLATES);
 
-// mulberry32: tiny seeded PRNG, good enough for reproducible fake data.
-function createRng(seed) {
-  let a = seed >>> 0;
-  return function next() {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function pick(rng, list) {
   return list[Math.floor(rng() * list.length)];
