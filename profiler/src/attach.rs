@@ -22,7 +22,7 @@ use crate::{
     mappings::AddressSpace,
     output::{
         self,
-        summary::{Summary, ThreadShare, Timings},
+        summary::{StackQuality, Summary, ThreadShare, Timings},
     },
     perf_map::{self, PerfMap, PerfMapFile},
     procfs::{self, ProcessInfo},
@@ -337,6 +337,16 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
             .as_ref()
             .map(|_| perf_map_path.display().to_string()),
         kernel_counters: stats,
+        stacks: {
+            let (user_stacks, complete) = resolved.user_completeness(&raw.counts);
+            StackQuality {
+                unwinding: "frame pointers",
+                user_stacks,
+                complete,
+                complete_percent: (complete as f64 * 10000.0 / user_stacks.max(1) as f64).round()
+                    / 100.0,
+            }
+        },
         event_loop: event_loop.as_ref().map(|(report, _)| report),
         threads: thread_shares(&profile),
         main_thread_percent: {

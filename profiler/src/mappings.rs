@@ -39,6 +39,11 @@ impl Mapping {
         self.inode != 0 && self.path.starts_with('/')
     }
 
+    /// Whether this is the kernel's vDSO.
+    pub fn is_vdso(&self) -> bool {
+        self.path == "[vdso]"
+    }
+
     /// The last component of the path, for frames with no symbol.
     pub fn file_name(&self) -> &str {
         let path = self.path.trim_end_matches(" (deleted)");

@@ -93,7 +93,9 @@ impl Symbolizer {
         for &addr in addrs {
             let mapping = space.find_index(addr);
             match mapping {
-                Some(index) if space.mappings()[index].is_file() => {
+                Some(index)
+                    if space.mappings()[index].is_file() || space.mappings()[index].is_vdso() =>
+                {
                     by_mapping.entry(index).or_default().push(addr);
                 }
                 _ => {
@@ -115,7 +117,12 @@ impl Symbolizer {
                 .iter()
                 .map(|addr| addr - mapping.start + mapping.file_offset)
                 .collect();
-            let results = mapping.readable_path(space.pid()).and_then(|path| {
+            let path = if mapping.is_vdso() {
+                vdso_image()
+            } else {
+                mapping.readable_path(space.pid())
+            };
+            let results = path.and_then(|path| {
                 let mut elf = Elf::new(path);
                 elf.debug_syms = true;
                 self.blaze
@@ -154,6 +161,63 @@ impl Symbolizer {
         }
         out
     }
+}
+
+/// A copy of the kernel's vDSO as a file, for `[vdso]` frames (the clock
+/// reads behind `Date.now()` and `process.hrtime()`, for instance).
+///
+/// The vDSO is not a file on disk; it is the same image in every 64-bit
+/// process of a kernel, so this process's own copy is read from its memory
+/// into an anonymous memory file once, and kept for the life of the process.
+fn vdso_image() -> Option<std::path::PathBuf> {
+    static IMAGE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| match copy_own_vdso() {
+            Ok(path) => Some(path),
+            Err(err) => {
+                debug!("cannot copy the vDSO: {err}; [vdso] frames stay unnamed");
+                None
+            }
+        })
+        .clone()
+}
+
+fn copy_own_vdso() -> std::io::Result<std::path::PathBuf> {
+    use std::{
+        fs::File,
+        io::{Error, ErrorKind, Read as _, Seek as _, SeekFrom, Write as _},
+        os::fd::{FromRawFd as _, IntoRawFd as _},
+    };
+
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let (start, end) = maps
+        .lines()
+        .find(|line| line.ends_with("[vdso]"))
+        .and_then(|line| line.split_whitespace().next()?.split_once('-'))
+        .and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, "no [vdso] mapping"))?;
+    let mut image = vec![0u8; (end - start) as usize];
+    let mut mem = File::open("/proc/self/mem")?;
+    mem.seek(SeekFrom::Start(start))?;
+    mem.read_exact(&mut image)?;
+
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; the fd
+    // it returns is owned by the `File` made from it just below.
+    let fd = unsafe { libc::memfd_create(c"vdso".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(&image)?;
+    // Kept open for good: blazesym reads it through its /proc path.
+    let fd = file.into_raw_fd();
+    Ok(std::path::PathBuf::from(format!("/proc/self/fd/{fd}")))
 }
 
 /// Names the code V8 compiles regular expressions to.
@@ -257,6 +321,39 @@ impl ResolvedStacks {
         Self { stacks }
     }
 
+    /// How many samples have a user stack, and how many of those reach the
+    /// thread's entry point: `__libc_start_call_main` (or `_start`) for a
+    /// main thread, `start_thread` or `clone3` for the others. A stack that
+    /// stops short was cut by code the walk could not cross.
+    pub fn user_completeness(&self, counts: &[(SampleKey, u64)]) -> (u64, u64) {
+        const ENTRIES: [&str; 9] = [
+            "_start",
+            "__libc_start_main",
+            "__libc_start_main_impl",
+            "__libc_start_call_main",
+            "start_thread",
+            "clone",
+            "clone3",
+            "__clone",
+            "__clone3",
+        ];
+        let (mut with_user, mut complete) = (0, 0);
+        for (key, count) in counts {
+            if key.user_stack_id == NO_STACK {
+                continue;
+            }
+            with_user += count;
+            let root = self
+                .stacks
+                .get(&key.user_stack_id)
+                .and_then(|frames| frames.first());
+            if root.is_some_and(|frame| ENTRIES.contains(&frame.name.as_str())) {
+                complete += count;
+            }
+        }
+        (with_user, complete)
+    }
+
     /// Builds a profile from counts whose stacks were resolved here.
     pub fn profile(
         &self,
@@ -344,6 +441,30 @@ mod tests {
         ];
         name_regexp_code(&mut unnamed);
         assert_eq!(unnamed[1].name, "[compiled regexp]");
+    }
+
+    #[test]
+    fn vdso_clock_read_is_named() {
+        let mut space = AddressSpace::new(std::process::id());
+        space.refresh().unwrap();
+        let Some(vdso) = space.mappings().iter().find(|m| m.is_vdso()) else {
+            eprintln!("skipping: this process maps no vDSO");
+            return;
+        };
+        // Somewhere in the vDSO's text: any address inside names a symbol
+        // or stays unknown, but never the whole mapping's name.
+        let names: Vec<String> = (vdso.start..vdso.end)
+            .step_by(64)
+            .flat_map(|addr| Symbolizer::new().user(&space, None, &[addr]).remove(&addr))
+            .flatten()
+            .map(|frame| frame.name)
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("clock_gettime") || n.contains("gettimeofday")),
+            "{names:?}"
+        );
     }
 
     #[test]

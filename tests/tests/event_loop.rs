@@ -135,7 +135,10 @@ fn every_blocking_episode_is_found_with_its_duration_and_function() {
         // A spinning thread is on the CPU, unless the machine is so busy
         // that it waits to run; on a shared machine allow for some of that.
         let on_cpu = episode["on_cpu_ms"].as_f64().unwrap();
-        assert!(on_cpu >= 0.25 * duration, "{on_cpu} ms on-CPU of {duration} ms: {episode}");
+        assert!(
+            on_cpu >= 0.25 * duration,
+            "{on_cpu} ms on-CPU of {duration} ms: {episode}"
+        );
         let culprit = episode["top_js"][0]["frame"].as_str().unwrap();
         assert!(culprit.starts_with("blockTheLoop "), "{culprit}");
     }

@@ -28,6 +28,7 @@ pub struct Summary<'a> {
     pub command_run: Option<String>,
     pub perf_map: Option<String>,
     pub kernel_counters: Stats,
+    pub stacks: StackQuality,
     /// Event-loop iteration statistics, when the target has a loop thread.
     pub event_loop: Option<&'a LoopReport>,
     pub threads: Vec<ThreadShare>,
@@ -39,6 +40,18 @@ pub struct Summary<'a> {
     /// JavaScript functions that were running, most samples first.
     pub top_js: Vec<TopEntry>,
     pub timings_ms: Timings,
+}
+
+/// How complete the user stacks were, and how they were walked.
+#[derive(Debug, Serialize)]
+pub struct StackQuality {
+    /// How user stacks are unwound.
+    pub unwinding: &'static str,
+    /// Samples with a user stack.
+    pub user_stacks: u64,
+    /// Of those, the ones that reach the thread's entry point.
+    pub complete: u64,
+    pub complete_percent: f64,
 }
 
 /// Where the profiler's own time went, in milliseconds.
