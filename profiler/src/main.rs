@@ -10,6 +10,14 @@ mod procfs;
 mod profile;
 mod sampler;
 mod symbolize;
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the in-kernel unwinder that reads these tables is not wired in yet"
+    )
+)]
+mod unwind;
 
 use std::process::ExitCode;
 
