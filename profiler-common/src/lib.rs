@@ -176,6 +176,64 @@ pub struct LoopEvent {
     pub end_ns: u64,
 }
 
+/// Capacity of the unwind-row array shared by all unwound binaries, by
+/// default: 16 bytes a row, preallocated (16 MiB). node's own binary needs
+/// about 370 000 rows.
+pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
+
+/// Executable mappings with unwind rows per process.
+pub const MAX_UNWIND_MAPPINGS: usize = 32;
+
+/// How a row finds the canonical frame address (CFA).
+pub mod cfa_kind {
+    /// No rule: walk this frame by frame pointer.
+    pub const UNKNOWN: u8 = 0;
+    /// `rsp + offset`.
+    pub const RSP: u8 = 1;
+    /// `rbp + offset`.
+    pub const RBP: u8 = 2;
+    /// `*(rsp + offset) + deref_add`.
+    pub const RSP_DEREF: u8 = 3;
+}
+
+/// One row of an unwind table: applies from `pc` up to the next row's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    /// Virtual address in the ELF file, before load bias.
+    pub pc: u32,
+    pub cfa_offset: i32,
+    pub deref_add: i16,
+    /// Where the caller's `rbp` was saved, from the CFA, if `rbp_saved`.
+    pub rbp_offset: i16,
+    /// One of [`cfa_kind`].
+    pub cfa_kind: u8,
+    pub rbp_saved: u8,
+    pub _pad: u16,
+}
+
+/// An executable mapping of a process whose binary has unwind rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Subtracted from a runtime address to get the file's virtual address.
+    pub bias: u64,
+    /// The binary's rows in the row array.
+    pub rows_start: u32,
+    pub rows_len: u32,
+}
+
+/// The unwindable mappings of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcUnwind {
+    pub count: u32,
+    pub _pad: u32,
+    pub mappings: [UnwindMapping; MAX_UNWIND_MAPPINGS],
+}
+
 /// Key of the counts map: one entry per distinct thread and stack pair.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -225,8 +283,10 @@ pub mod stat {
     /// Longest loop iteration seen on this CPU, in nanoseconds (a maximum,
     /// not a count).
     pub const LOOP_MAX_NS: u32 = 9;
+    /// User stacks walked with unwind tables.
+    pub const TABLE_WALKS: u32 = 10;
     /// Number of slots.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 #[cfg(test)]
@@ -273,7 +333,19 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{LoopEvent, LoopThread, SampleKey, Stack, ThreadInfo};
+    use super::{
+        LoopEvent, LoopThread, ProcUnwind, SampleKey, Stack, ThreadInfo, UnwindMapping, UnwindRow,
+    };
+
+    // SAFETY: `repr(C)`, integer fields only, padding made explicit.
+    unsafe impl aya::Pod for UnwindRow {}
+
+    // SAFETY: `repr(C)`, integer fields only, no padding.
+    unsafe impl aya::Pod for UnwindMapping {}
+
+    // SAFETY: `repr(C)`, integer fields and an array of Pod, padding
+    // made explicit.
+    unsafe impl aya::Pod for ProcUnwind {}
 
     // SAFETY: `repr(C)`, integer fields only, no padding.
     unsafe impl aya::Pod for Stack {}

@@ -15,16 +15,23 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::pt_regs,
     bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    },
     macros::{map, perf_event, raw_tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
 };
+use core::ffi::c_void;
+
 use profiler_common::{
-    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, HIST_BUCKETS, HIST_GROUPS, LOOP_EVENTS_BYTES,
-    LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, MAX_STACK_DEPTH, NO_STACK, STACK_LOST, SampleKey,
-    Stack, TARGET_ENTRIES, THREAD_ENTRIES, ThreadInfo, hist_bucket, loop_event, stack_hash, stat,
+    DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_UNWIND_ROWS, HIST_BUCKETS, HIST_GROUPS,
+    LOOP_EVENTS_BYTES, LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, MAX_STACK_DEPTH,
+    MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind, STACK_LOST, SampleKey, Stack, TARGET_ENTRIES,
+    THREAD_ENTRIES, ThreadInfo, UnwindRow, cfa_kind, hist_bucket, loop_event, stack_hash, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.
@@ -44,6 +51,14 @@ static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(TARGET_ENTRIES, 0);
 #[map]
 static STACKS: HashMap<u64, Stack> =
     HashMap::with_max_entries(DEFAULT_STACK_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Unwind rows of every binary with tables, one range per binary.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(DEFAULT_UNWIND_ROWS, 0);
+
+/// Processes whose user stacks are walked with unwind tables.
+#[map]
+static PROC_UNWIND: HashMap<u32, ProcUnwind> = HashMap::with_max_entries(TARGET_ENTRIES, 0);
 
 /// Per-CPU room to walk a stack into before it is hashed and stored.
 #[map]
@@ -96,7 +111,11 @@ fn try_profile(ctx: &PerfEventContext) {
     }
     bump(stat::SAMPLES);
 
-    let user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64, stat::USER_STACK_ERRORS);
+    let user_stack_id = if PROC_UNWIND.get_ptr(pid).is_some() {
+        table_stack_id(ctx, pid)
+    } else {
+        stack_id(ctx, BPF_F_USER_STACK as u64, stat::USER_STACK_ERRORS)
+    };
     let kernel_stack_id = stack_id(ctx, 0, stat::KERNEL_STACK_ERRORS);
     let key = SampleKey {
         pid,
@@ -264,6 +283,209 @@ fn send_loop_event(event: &LoopEvent) {
     }
 }
 
+/// Registers and progress of a user-stack walk, shared with `walk_step`.
+#[repr(C)]
+struct Walk {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    pid: u32,
+    len: u32,
+}
+
+/// Walks the user stack with the process's unwind tables where a frame's
+/// code has them, and by frame pointer elsewhere (JIT code, code without
+/// CFI), then stores it like `stack_id` does.
+#[inline(always)]
+fn table_stack_id(ctx: &PerfEventContext, pid: u32) -> u64 {
+    let Some((pc, sp, bp)) = user_registers(ctx) else {
+        bump(stat::USER_STACK_ERRORS);
+        return STACK_LOST;
+    };
+    let mut walk = Walk {
+        pc,
+        sp,
+        bp,
+        pid,
+        len: 0,
+    };
+    // SAFETY: `walk_step` has the callback signature bpf_loop expects, and
+    // `walk` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32,
+            walk_step as *mut c_void,
+            (&mut walk as *mut Walk).cast(),
+            0,
+        )
+    };
+    bump(stat::TABLE_WALKS);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return STACK_LOST;
+    };
+    // SAFETY: the per-CPU slot of this CPU, filled by `walk_step`.
+    let stack = unsafe { &mut *scratch };
+    store_stack(stack, walk.len as usize, stat::USER_STACK_ERRORS)
+}
+
+/// The user-mode `rip`, `rsp` and `rbp` of the interrupted task: the
+/// sample's own registers if it hit user mode, else those saved on entry
+/// to the kernel.
+#[inline(always)]
+fn user_registers(ctx: &PerfEventContext) -> Option<(u64, u64, u64)> {
+    // SAFETY: the context of a perf_event program points to its sample
+    // data, which holds the registers at the time of the sample.
+    let regs = unsafe { &(*ctx.ctx).regs };
+    if regs.cs & 3 == 3 {
+        return Some((regs.rip, regs.rsp, regs.rbp));
+    }
+    // SAFETY: helpers with no memory preconditions; the pointer they give
+    // is only read through bpf_probe_read_kernel.
+    let user = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if user.is_null() {
+        return None;
+    }
+    // SAFETY: reads of kernel memory through the checked helper.
+    unsafe {
+        let rip = bpf_probe_read_kernel(core::ptr::addr_of!((*user).rip)).ok()?;
+        let rsp = bpf_probe_read_kernel(core::ptr::addr_of!((*user).rsp)).ok()?;
+        let rbp = bpf_probe_read_kernel(core::ptr::addr_of!((*user).rbp)).ok()?;
+        Some((rip, rsp, rbp))
+    }
+}
+
+/// One frame of a table walk; returns 1 to stop.
+#[inline(never)]
+extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `table_stack_id` gave it.
+    let walk = unsafe { &mut *ctx.cast::<Walk>() };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: the per-CPU slot of this CPU.
+    let stack = unsafe { &mut *scratch };
+    let i = index as usize;
+    if i >= MAX_STACK_DEPTH || walk.pc == 0 {
+        return 1;
+    }
+    stack.ips[i] = walk.pc;
+    walk.len = i as u32 + 1;
+
+    // A caller's pc is a return address, after its call: look up the call.
+    let lookup = if i == 0 { walk.pc } else { walk.pc - 1 };
+    let row = find_row(walk.pid, lookup);
+    let (cfa, bp) = match row {
+        Some(row) if row.cfa_kind != cfa_kind::UNKNOWN => {
+            let cfa = match row.cfa_kind {
+                cfa_kind::RSP => walk.sp.wrapping_add(row.cfa_offset as i64 as u64),
+                cfa_kind::RBP => walk.bp.wrapping_add(row.cfa_offset as i64 as u64),
+                _ => match read_user(walk.sp.wrapping_add(row.cfa_offset as i64 as u64)) {
+                    Some(value) => value.wrapping_add(row.deref_add as i64 as u64),
+                    None => return 1,
+                },
+            };
+            let bp = if row.rbp_saved != 0 {
+                match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+                    Some(bp) => bp,
+                    None => return 1,
+                }
+            } else {
+                walk.bp
+            };
+            (cfa, bp)
+        }
+        _ => {
+            // Frame pointer: [rbp] is the caller's rbp, the return address
+            // is above it, and the caller's stack starts above that.
+            if walk.bp == 0 {
+                return 1;
+            }
+            let Some(caller_bp) = read_user(walk.bp) else {
+                return 1;
+            };
+            (walk.bp + 16, caller_bp)
+        }
+    };
+    // The stack grows down: a caller's frame is always above.
+    if cfa <= walk.sp {
+        return 1;
+    }
+    let Some(return_address) = read_user(cfa - 8) else {
+        return 1;
+    };
+    walk.pc = return_address;
+    walk.sp = cfa;
+    walk.bp = bp;
+    0
+}
+
+/// The unwind row for `pc` in process `pid`, if its mapping has a table.
+#[inline(always)]
+fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
+    let proc = PROC_UNWIND.get_ptr(pid)?;
+    // SAFETY: pointer from a successful lookup; read only.
+    let proc = unsafe { &*proc };
+    let mut found = None;
+    for j in 0..MAX_UNWIND_MAPPINGS {
+        if j as u32 >= proc.count {
+            break;
+        }
+        let mapping = &proc.mappings[j];
+        if mapping.start <= pc && pc < mapping.end {
+            found = Some(*mapping);
+            break;
+        }
+    }
+    let mapping = found?;
+    let vaddr = pc - mapping.bias;
+    // The last row at or below `vaddr`, by binary search; 2^24 rows at
+    // most per binary.
+    let (mut low, mut high) = (mapping.rows_start, mapping.rows_start + mapping.rows_len);
+    for _ in 0..24 {
+        if low >= high {
+            break;
+        }
+        let mid = low + (high - low) / 2;
+        let row = UNWIND_ROWS.get(mid)?;
+        if u64::from(row.pc) <= vaddr {
+            low = mid + 1;
+        } else {
+            high = mid;
+        }
+    }
+    if low <= mapping.rows_start {
+        return None;
+    }
+    UNWIND_ROWS.get(low - 1).copied()
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: a checked read of user memory; faults return an error.
+    unsafe { bpf_probe_read_user(addr as *const u64).ok() }
+}
+
+/// Hashes the first `len` frames of `stack` and stores the stack.
+#[inline(always)]
+fn store_stack(stack: &mut Stack, len: usize, error_slot: u32) -> u64 {
+    let len = len.min(MAX_STACK_DEPTH);
+    if len == 0 {
+        return NO_STACK;
+    }
+    stack.len = len as u64;
+    let id = stack_hash(&stack.ips, len);
+    if STACKS.get_ptr(id).is_none() {
+        // EEXIST from a concurrent insert of the same stack is fine.
+        if let Err(err) = STACKS.insert(id, &*stack, BPF_NOEXIST as u64) {
+            if err != -EEXIST {
+                bump(error_slot);
+                return STACK_LOST;
+            }
+        }
+    }
+    id
+}
+
 #[inline(always)]
 fn stack_id(ctx: &PerfEventContext, flags: u64, error_slot: u32) -> u64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -284,24 +506,9 @@ fn stack_id(ctx: &PerfEventContext, flags: u64, error_slot: u32) -> u64 {
         bump(error_slot);
         return STACK_LOST;
     }
-    let len = (bytes as usize / 8).min(MAX_STACK_DEPTH);
-    // No stack of this kind: a kernel thread has no user stack, and a
-    // sample taken in user mode has no kernel stack.
-    if len == 0 {
-        return NO_STACK;
-    }
-    stack.len = len as u64;
-    let id = stack_hash(&stack.ips, len);
-    if STACKS.get_ptr(id).is_none() {
-        // EEXIST from a concurrent insert of the same stack is fine.
-        if let Err(err) = STACKS.insert(id, &*stack, BPF_NOEXIST as u64) {
-            if err != -EEXIST {
-                bump(error_slot);
-                return STACK_LOST;
-            }
-        }
-    }
-    id
+    // No stack of this kind (length 0): a kernel thread has no user
+    // stack, and a sample taken in user mode has no kernel stack.
+    store_stack(stack, bytes as usize / 8, error_slot)
 }
 
 #[inline(always)]

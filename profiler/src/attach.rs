@@ -27,7 +27,7 @@ use crate::{
     perf_map::{self, PerfMap, PerfMapFile},
     procfs::{self, ProcessInfo},
     profile::{Profile, TopEntry},
-    sampler::{Sampler, SamplerConfig},
+    sampler::{Sampler, SamplerConfig, UnwindLoad},
     symbolize::{ProcessSymbols, ResolvedStacks, Symbolizer},
 };
 
@@ -151,6 +151,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         stack_entries: args.stack_entries,
         event_loop_threshold_ns: (!args.no_event_loop)
             .then(|| (args.block_threshold * 1e6).round() as u64),
+        unwind_rows: args.unwind_rows,
     })?;
     let mut space = AddressSpace::new(pid);
     space
@@ -158,6 +159,13 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot read the mappings of pid {pid}"))?;
     let mut perf_map = open_perf_map(&process);
     let cpu_start = procfs::cpu_time_s(pid);
+    let mut unwind_load = UnwindLoad::default();
+    if args.unwind_rows > 0 {
+        match sampler.load_unwind_tables(&space) {
+            Ok(load) => unwind_load = load,
+            Err(err) => warn!("cannot load unwind tables ({err:#}); walking by frame pointer"),
+        }
+    }
 
     sampler.attach(args.frequency)?;
     let load_ms = elapsed_ms(load_started);
@@ -340,7 +348,14 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         stacks: {
             let (user_stacks, complete) = resolved.user_completeness(&raw.counts);
             StackQuality {
-                unwinding: "frame pointers",
+                unwinding: if unwind_load.mappings > 0 {
+                    "unwind tables (.eh_frame) where the code has them, frame pointers elsewhere"
+                } else {
+                    "frame pointers"
+                },
+                table_mappings: unwind_load.mappings,
+                unwind_rows: unwind_load.rows,
+                table_walks: stats.table_walks,
                 user_stacks,
                 complete,
                 complete_percent: (complete as f64 * 10000.0 / user_stacks.max(1) as f64).round()
@@ -437,8 +452,15 @@ async fn watch(
                 }
                 // Once a second: new mappings (dlopen), the perf map once it
                 // appears, CPU time, and the live line.
-                if let Err(err) = space.refresh() {
-                    debug!("refreshing the mappings failed: {err}");
+                match space.refresh() {
+                    // A library loaded since (dlopen): walk it with its table.
+                    Ok(true) if args.unwind_rows > 0 => {
+                        if let Err(err) = sampler.load_unwind_tables(space) {
+                            debug!("loading new unwind tables failed: {err:#}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => debug!("refreshing the mappings failed: {err}"),
                 }
                 if perf_map.is_none() {
                     *perf_map = open_perf_map(process);

@@ -62,6 +62,11 @@ pub struct AttachArgs {
     #[arg(long)]
     pub no_event_loop: bool,
 
+    /// Capacity of the kernel-side array of unwind rows (16 bytes each,
+    /// preallocated); 0 walks every stack by frame pointer only.
+    #[arg(long, default_value_t = profiler_common::DEFAULT_UNWIND_ROWS, value_name = "N")]
+    pub unwind_rows: u32,
+
     /// No live progress line.
     #[arg(short, long)]
     pub quiet: bool,

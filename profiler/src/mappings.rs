@@ -118,8 +118,10 @@ impl AddressSpace {
         self.pid
     }
 
-    /// Reads the mappings again and records any that are new.
-    pub fn refresh(&mut self) -> io::Result<()> {
+    /// Reads the mappings again and records any that are new; says whether
+    /// there were any.
+    pub fn refresh(&mut self) -> io::Result<bool> {
+        let known_before = self.mappings.len();
         let maps = fs::read_to_string(proc_path(self.pid, "maps"))?;
         for mut mapping in maps.lines().filter_map(parse_maps_line) {
             let known = self.mappings.iter().any(|m| {
@@ -140,7 +142,7 @@ impl AddressSpace {
             );
             self.mappings.push(mapping);
         }
-        Ok(())
+        Ok(self.mappings.len() > known_before)
     }
 
     fn open_file(&mut self, mapping: &Mapping) -> Option<Arc<File>> {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap as StdHashMap};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         PerfEvent, RawTracePoint,
         perf_event::{
@@ -16,9 +16,15 @@ use aya::{
     util::online_cpus,
 };
 use log::{debug, warn};
+use std::os::unix::fs::MetadataExt as _;
+
+use crate::{
+    mappings::{AddressSpace, Mapping},
+    unwind,
+};
 use profiler_common::{
-    HIST_BUCKETS, HIST_GROUPS, LoopEvent, LoopThread, NO_STACK, STACK_LOST, SampleKey, Stack,
-    TASK_COMM_LEN, ThreadInfo, stat,
+    HIST_BUCKETS, HIST_GROUPS, LoopEvent, LoopThread, MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind,
+    STACK_LOST, SampleKey, Stack, TASK_COMM_LEN, ThreadInfo, UnwindMapping, UnwindRow, stat,
 };
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
@@ -34,6 +40,9 @@ pub struct SamplerConfig {
     pub stack_entries: u32,
     /// Track event-loop iterations, with this blocking threshold.
     pub event_loop_threshold_ns: Option<u64>,
+    /// Capacity of the unwind-row array; 0 walks every stack by frame
+    /// pointer.
+    pub unwind_rows: u32,
 }
 
 /// Counters kept by the eBPF program, summed over CPUs.
@@ -49,6 +58,7 @@ pub struct Stats {
     pub loop_threads_full: u64,
     pub loop_iterations: u64,
     pub loop_max_ns: u64,
+    pub table_walks: u64,
 }
 
 /// Everything the eBPF program gathered, copied out of its maps.
@@ -69,6 +79,35 @@ pub struct Sampler {
     links: Vec<PerfEventLinkId>,
     /// Present while event-loop tracking is on.
     loop_events: Option<RingBuf<MapData>>,
+    unwind: UnwindState,
+}
+
+/// Unwind tables loaded into the kernel side so far.
+#[derive(Default)]
+struct UnwindState {
+    /// Next free slot of the row array, and its size.
+    next_row: u32,
+    capacity: u32,
+    /// Binaries by (device, inode): their rows and segments, or `None` if
+    /// they have no usable table.
+    files: StdHashMap<(u64, u64), Option<LoadedTable>>,
+    /// What each process's entry holds now.
+    procs: StdHashMap<u32, Vec<UnwindMapping>>,
+}
+
+struct LoadedTable {
+    rows_start: u32,
+    rows_len: u32,
+    segments: Vec<unwind::Segment>,
+}
+
+/// What loading unwind tables for a process did.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct UnwindLoad {
+    /// Executable mappings walked with tables.
+    pub mappings: usize,
+    /// Rows in the kernel's row array, over all binaries.
+    pub rows: u32,
 }
 
 impl Sampler {
@@ -80,6 +119,7 @@ impl Sampler {
             .override_global("SAMPLE_ALL", &sample_all, true)
             .override_global("BLOCK_THRESHOLD_NS", &threshold_ns, true)
             .map_max_entries("STACKS", config.stack_entries)
+            .map_max_entries("UNWIND_ROWS", config.unwind_rows.max(1))
             .load(EBPF_OBJECT)
             .map_err(|err| explain_bpf_error(anyhow::Error::new(err)))
             .context("cannot load the eBPF program")?;
@@ -112,6 +152,121 @@ impl Sampler {
             ebpf,
             links: Vec::new(),
             loop_events,
+            unwind: UnwindState {
+                capacity: config.unwind_rows,
+                ..UnwindState::default()
+            },
+        })
+    }
+
+    /// Loads the unwind tables of the binaries `space` maps, those not
+    /// loaded yet, and points the process's entry at them. A binary whose
+    /// table cannot be built or does not fit is walked by frame pointer.
+    pub fn load_unwind_tables(&mut self, space: &AddressSpace) -> anyhow::Result<UnwindLoad> {
+        let mut chosen: Vec<UnwindMapping> = Vec::new();
+        for mapping in space.mappings().iter().rev() {
+            if !mapping.is_file() || chosen.len() >= MAX_UNWIND_MAPPINGS {
+                continue;
+            }
+            let overlaps = chosen
+                .iter()
+                .any(|m| m.start < mapping.end && mapping.start < m.end);
+            let Some(file) = mapping.file.as_ref() else {
+                continue;
+            };
+            if overlaps {
+                continue;
+            }
+            let meta = file.metadata()?;
+            let key = (meta.dev(), meta.ino());
+            if !self.unwind.files.contains_key(&key) {
+                let loaded = self.load_table(mapping, space.pid());
+                self.unwind.files.insert(key, loaded);
+            }
+            let Some(Some(table)) = self.unwind.files.get(&key) else {
+                continue;
+            };
+            let Some(bias) = unwind::load_bias(&table.segments, mapping.start, mapping.file_offset)
+            else {
+                continue;
+            };
+            chosen.push(UnwindMapping {
+                start: mapping.start,
+                end: mapping.end,
+                bias,
+                rows_start: table.rows_start,
+                rows_len: table.rows_len,
+            });
+        }
+
+        let pid = space.pid();
+        if self.unwind.procs.get(&pid) != Some(&chosen) && !chosen.is_empty() {
+            let mut entry = ProcUnwind {
+                count: chosen.len() as u32,
+                _pad: 0,
+                mappings: [UnwindMapping::default(); MAX_UNWIND_MAPPINGS],
+            };
+            entry.mappings[..chosen.len()].copy_from_slice(&chosen);
+            let mut procs: HashMap<&mut MapData, u32, ProcUnwind> = HashMap::try_from(
+                self.ebpf
+                    .map_mut("PROC_UNWIND")
+                    .context("map PROC_UNWIND is missing")?,
+            )?;
+            procs.insert(pid, entry, 0)?;
+            self.unwind.procs.insert(pid, chosen.clone());
+        }
+        Ok(UnwindLoad {
+            mappings: chosen.len(),
+            rows: self.unwind.next_row,
+        })
+    }
+
+    /// Builds one binary's table and writes it to the row array.
+    fn load_table(&mut self, mapping: &Mapping, pid: u32) -> Option<LoadedTable> {
+        let path = mapping.readable_path(pid)?;
+        let data = std::fs::read(&path)
+            .map_err(|err| debug!("cannot read {}: {err}", mapping.path))
+            .ok()?;
+        let table = match unwind::UnwindTable::compile(&data) {
+            Ok(table) => table,
+            Err(err) => {
+                debug!("no unwind table for {}: {err}", mapping.path);
+                return None;
+            }
+        };
+        let segments = unwind::segments(&data).ok()?;
+        let rows = table.kernel_rows();
+        let rows_len = u32::try_from(rows.len()).ok()?;
+        let rows_start = self.unwind.next_row;
+        if rows_start.saturating_add(rows_len) > self.unwind.capacity {
+            warn!(
+                "the unwind-row array is full ({} rows); {} is walked by frame pointer. \
+                 A larger --unwind-rows makes room",
+                self.unwind.capacity, mapping.path
+            );
+            return None;
+        }
+        let mut array: Array<&mut MapData, UnwindRow> =
+            Array::try_from(self.ebpf.map_mut("UNWIND_ROWS").or_else(|| {
+                debug!("map UNWIND_ROWS is missing");
+                None
+            })?)
+            .ok()?;
+        for (i, row) in rows.iter().enumerate() {
+            if let Err(err) = array.set(rows_start + i as u32, row, 0) {
+                warn!(
+                    "cannot write unwind rows for {}: {err}; ignoring",
+                    mapping.path
+                );
+                return None;
+            }
+        }
+        self.unwind.next_row = rows_start + rows_len;
+        debug!("{}: {rows_len} unwind rows at {rows_start}", mapping.path);
+        Some(LoadedTable {
+            rows_start,
+            rows_len,
+            segments,
         })
     }
 
@@ -221,6 +376,7 @@ impl Sampler {
             loop_threads_full: sum(stat::LOOP_THREADS_FULL)?,
             loop_iterations: sum(stat::LOOP_ITERATIONS)?,
             loop_max_ns: max(stat::LOOP_MAX_NS)?,
+            table_walks: sum(stat::TABLE_WALKS)?,
         })
     }
 

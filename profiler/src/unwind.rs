@@ -76,6 +76,43 @@ impl std::fmt::Display for UnwindError {
 
 impl std::error::Error for UnwindError {}
 
+/// A loadable segment of an ELF file: where its bytes are in the file and
+/// at which virtual address they are meant to be loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub file_offset: u64,
+    pub vaddr: u64,
+    pub file_size: u64,
+}
+
+/// The loadable segments of an ELF image.
+pub fn segments(data: &[u8]) -> Result<Vec<Segment>, UnwindError> {
+    use object::ObjectSegment as _;
+    let file = object::File::parse(data).map_err(UnwindError::Elf)?;
+    Ok(file
+        .segments()
+        .map(|segment| {
+            let (file_offset, file_size) = segment.file_range();
+            Segment {
+                file_offset,
+                vaddr: segment.address(),
+                file_size,
+            }
+        })
+        .collect())
+}
+
+/// The load bias of a mapping: what to subtract from a runtime address in
+/// it to get the file's virtual address. `None` if no segment holds the
+/// mapping's file offset.
+pub fn load_bias(segments: &[Segment], start: u64, file_offset: u64) -> Option<u64> {
+    let segment = segments.iter().find(|s| {
+        s.file_offset <= file_offset && file_offset < s.file_offset + s.file_size.max(1)
+    })?;
+    let vaddr_at_start = segment.vaddr + (file_offset - segment.file_offset);
+    Some(start.wrapping_sub(vaddr_at_start))
+}
+
 /// Unwind rows of one ELF file, sorted by address.
 #[derive(Debug, Default)]
 pub struct UnwindTable {
@@ -121,6 +158,46 @@ impl UnwindTable {
         // Consecutive rows with the same rules are one row.
         rows.dedup_by(|next, prev| next.cfa == prev.cfa && next.rbp == prev.rbp);
         Ok(Self { rows })
+    }
+
+    /// The rows in the kernel side's form. Rows whose numbers do not fit
+    /// become `UNKNOWN`, walked by frame pointer.
+    pub fn kernel_rows(&self) -> Vec<profiler_common::UnwindRow> {
+        use profiler_common::{UnwindRow, cfa_kind};
+        self.rows
+            .iter()
+            .filter_map(|row| {
+                let pc = u32::try_from(row.pc).ok()?;
+                let unknown = UnwindRow {
+                    pc,
+                    ..UnwindRow::default()
+                };
+                let (kind, offset, add) = match row.cfa {
+                    Cfa::Rsp(offset) => (cfa_kind::RSP, offset, 0),
+                    Cfa::Rbp(offset) => (cfa_kind::RBP, offset, 0),
+                    Cfa::RspDeref { offset, add } => (cfa_kind::RSP_DEREF, offset, add),
+                    Cfa::Unknown => return Some(unknown),
+                };
+                let (rbp_saved, rbp_offset) = match row.rbp {
+                    SavedRbp::Unchanged => (0, 0),
+                    SavedRbp::AtCfa(offset) => (1, offset),
+                };
+                let (Ok(deref_add), Ok(rbp_offset)) =
+                    (i16::try_from(add), i16::try_from(rbp_offset))
+                else {
+                    return Some(unknown);
+                };
+                Some(UnwindRow {
+                    pc,
+                    cfa_offset: offset,
+                    deref_add,
+                    rbp_offset,
+                    cfa_kind: kind,
+                    rbp_saved,
+                    _pad: 0,
+                })
+            })
+            .collect()
     }
 
     /// The row that applies at `pc`, a virtual address of the file.
@@ -359,6 +436,26 @@ mod tests {
         );
         // A PLT-style expression with more operations is not.
         assert_eq!(deref_rsp_expression(&[0x77, 0x08, 0x80, 0x00, 0x22]), None);
+    }
+
+    #[test]
+    fn bias_maps_runtime_addresses_to_file_addresses() {
+        let segments = [
+            Segment {
+                file_offset: 0,
+                vaddr: 0,
+                file_size: 0x1000,
+            },
+            Segment {
+                file_offset: 0x1000,
+                vaddr: 0x401000,
+                file_size: 0x5000,
+            },
+        ];
+        // A PIE-like text mapping at 0x7f0000001000 of file offset 0x1000.
+        let bias = load_bias(&segments, 0x7f00_0000_1000, 0x1000).unwrap();
+        assert_eq!(0x7f00_0000_1234u64.wrapping_sub(bias), 0x401234);
+        assert_eq!(load_bias(&segments, 0x1000, 0x9000), None);
     }
 
     #[test]

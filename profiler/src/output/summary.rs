@@ -47,6 +47,12 @@ pub struct Summary<'a> {
 pub struct StackQuality {
     /// How user stacks are unwound.
     pub unwinding: &'static str,
+    /// Executable mappings of the target walked with unwind tables.
+    pub table_mappings: usize,
+    /// Unwind rows loaded into the kernel side.
+    pub unwind_rows: u32,
+    /// Samples whose user stack was walked with the tables.
+    pub table_walks: u64,
     /// Samples with a user stack.
     pub user_stacks: u64,
     /// Of those, the ones that reach the thread's entry point.
