@@ -447,13 +447,9 @@ async fn watch(
                 }
                 sampler.drain_loop_events(loop_events);
                 ticks += 1;
-                if !ticks.is_multiple_of(4) {
-                    continue;
-                }
-                // Once a second: new mappings (dlopen), the perf map once it
-                // appears, CPU time, and the live line.
+                // Every tick: new mappings, so that a library loaded since
+                // (dlopen) is walked with its table within a quarter second.
                 match space.refresh() {
-                    // A library loaded since (dlopen): walk it with its table.
                     Ok(true) if args.unwind_rows > 0 => {
                         if let Err(err) = sampler.load_unwind_tables(space) {
                             debug!("loading new unwind tables failed: {err:#}");
@@ -462,6 +458,11 @@ async fn watch(
                     Ok(_) => {}
                     Err(err) => debug!("refreshing the mappings failed: {err}"),
                 }
+                if !ticks.is_multiple_of(4) {
+                    continue;
+                }
+                // Once a second: the perf map once it appears, CPU time,
+                // and the live line.
                 if perf_map.is_none() {
                     *perf_map = open_perf_map(process);
                 }

@@ -54,10 +54,17 @@ fn native_split_is_measured_within_five_points() {
             .any(|(s, _)| s.starts_with("split;") && s.contains("main;hot_three;spin")),
         "{folded:?}"
     );
-    // Built with frame pointers everywhere, so every stack is whole.
-    let complete = summary["stacks"]["complete_percent"].as_f64().unwrap();
-    assert!(complete >= 99.0, "{}", summary["stacks"]);
-    assert_eq!(summary["stacks"]["unwinding"], "frame pointers");
+    // Every stack is whole, and walked with the binary's unwind table.
+    let stacks = &summary["stacks"];
+    assert!(
+        stacks["complete_percent"].as_f64().unwrap() >= 99.0,
+        "{stacks}"
+    );
+    assert!(
+        stacks["table_mappings"].as_u64().unwrap() >= 2,
+        "the fixture and libc: {stacks}"
+    );
+    assert_eq!(stacks["table_walks"], summary["samples"], "{stacks}");
     assert_eq!(summary["pid"].as_u64(), Some(u64::from(target.pid())));
     assert_eq!(summary["frequency_hz"].as_u64(), Some(199));
     assert!(summary["command"].as_str().unwrap().ends_with("split"));
