@@ -68,7 +68,8 @@ pub struct Episode {
     pub samples: u64,
     /// CPU time the samples account for.
     pub on_cpu_ms: f64,
-    /// The rest of the duration: waiting on disk, a lock, or the scheduler.
+    /// The rest of the sampled part of the duration: waiting on disk, a
+    /// lock, or the scheduler.
     pub off_cpu_ms: f64,
     /// Most of the episode was spent off the CPU.
     pub off_cpu: bool,
@@ -183,7 +184,10 @@ pub fn analyze(
 
         let duration_ms = end_ns.saturating_sub(start_ns) as f64 / 1e6;
         let sample_count = keys.len() as u64;
-        let on_cpu_ms = (sample_count as f64 * 1000.0 / frequency_hz as f64).min(duration_ms);
+        // On- and off-CPU time are only known for the part of the episode
+        // that was sampled; an iteration may have begun before sampling.
+        let sampled_ms = end_ns.saturating_sub(start_ns.max(clock.start_mono_ns)) as f64 / 1e6;
+        let on_cpu_ms = (sample_count as f64 * 1000.0 / frequency_hz as f64).min(sampled_ms);
         // Negative for an iteration that began before sampling did.
         let start_offset_s = (start_ns as f64 - clock.start_mono_ns as f64) / 1e9;
         let pid = keys
@@ -207,8 +211,8 @@ pub fn analyze(
             duration_ms: round3(duration_ms),
             samples: sample_count,
             on_cpu_ms: round3(on_cpu_ms),
-            off_cpu_ms: round3(duration_ms - on_cpu_ms),
-            off_cpu: on_cpu_ms < duration_ms * OFF_CPU_SHARE,
+            off_cpu_ms: round3(sampled_ms - on_cpu_ms),
+            off_cpu: sampled_ms > 0.0 && on_cpu_ms < sampled_ms * OFF_CPU_SHARE,
             in_progress,
             top_self: profile.top_self(EPISODE_TOP_ROWS),
             top_js: profile.top_js(EPISODE_TOP_ROWS),

@@ -16,7 +16,10 @@ use aya::{
     util::online_cpus,
 };
 use log::{debug, warn};
-use std::os::unix::fs::MetadataExt as _;
+use std::os::{
+    fd::{AsFd as _, AsRawFd as _},
+    unix::fs::MetadataExt as _,
+};
 
 use crate::{
     mappings::{AddressSpace, Mapping},
@@ -221,11 +224,39 @@ impl Sampler {
         })
     }
 
+    /// Writes rows to the row array from index `start`: in batches of one
+    /// syscall each where the kernel supports it, else one row at a time.
+    fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("UNWIND_ROWS")
+            .context("map UNWIND_ROWS is missing")?;
+        let aya::maps::Map::Array(data) = &*map else {
+            anyhow::bail!("map UNWIND_ROWS is not an array");
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        match update_batch(fd, start, rows) {
+            Ok(()) => return Ok(()),
+            Err(err) => debug!("batched map update failed ({err}); writing rows one by one"),
+        }
+        let mut array: Array<&mut MapData, UnwindRow> = Array::try_from(map)?;
+        for (i, row) in rows.iter().enumerate() {
+            array.set(start + i as u32, row, 0)?;
+        }
+        Ok(())
+    }
+
     /// Builds one binary's table and writes it to the row array.
     fn load_table(&mut self, mapping: &Mapping, pid: u32) -> Option<LoadedTable> {
         let path = mapping.readable_path(pid)?;
-        let data = std::fs::read(&path)
-            .map_err(|err| debug!("cannot read {}: {err}", mapping.path))
+        // Mapped, not read: only the headers and the CFI sections are paged
+        // in, not the whole of a 100 MB binary.
+        let data = std::fs::File::open(&path)
+            // SAFETY: the map is read-only and dropped before this function
+            // returns; a binary truncated meanwhile can fault the read, which
+            // the held-open file of a running program makes unlikely.
+            .and_then(|file| unsafe { memmap2::Mmap::map(&file) })
+            .map_err(|err| debug!("cannot map {}: {err}", mapping.path))
             .ok()?;
         let table = match unwind::UnwindTable::compile(&data) {
             Ok(table) => table,
@@ -246,20 +277,12 @@ impl Sampler {
             );
             return None;
         }
-        let mut array: Array<&mut MapData, UnwindRow> =
-            Array::try_from(self.ebpf.map_mut("UNWIND_ROWS").or_else(|| {
-                debug!("map UNWIND_ROWS is missing");
-                None
-            })?)
-            .ok()?;
-        for (i, row) in rows.iter().enumerate() {
-            if let Err(err) = array.set(rows_start + i as u32, row, 0) {
-                warn!(
-                    "cannot write unwind rows for {}: {err}; ignoring",
-                    mapping.path
-                );
-                return None;
-            }
+        if let Err(err) = self.write_rows(rows_start, &rows) {
+            warn!(
+                "cannot write unwind rows for {}: {err:#}; ignoring",
+                mapping.path
+            );
+            return None;
         }
         self.unwind.next_row = rows_start + rows_len;
         debug!("{}: {rows_len} unwind rows at {rows_start}", mapping.path);
@@ -462,6 +485,59 @@ fn load_loop_programs(ebpf: &mut Ebpf) -> anyhow::Result<Option<RingBuf<MapData>
         .take_map("LOOP_EVENTS")
         .context("map LOOP_EVENTS is missing")?;
     Ok(Some(RingBuf::try_from(map)?))
+}
+
+/// `BPF_MAP_UPDATE_BATCH` on an array map: consecutive keys from `start`.
+fn update_batch(map_fd: i32, start: u32, rows: &[UnwindRow]) -> std::io::Result<()> {
+    /// The batch part of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const CHUNK: usize = 64 * 1024;
+
+    for (chunk_index, chunk) in rows.chunks(CHUNK).enumerate() {
+        let first = start + (chunk_index * CHUNK) as u32;
+        let keys: Vec<u32> = (first..first + chunk.len() as u32).collect();
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at `keys` and `chunk`, both alive and of
+        // `count` elements for the duration of the call; the kernel only
+        // reads them, and writes back `count`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if attr.count as usize != chunk.len() {
+            return Err(std::io::Error::other(
+                "the kernel updated only part of a batch",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn comm_to_string(comm: &[u8; TASK_COMM_LEN]) -> String {
