@@ -177,3 +177,51 @@ fn library_loaded_after_attach_is_unwound() {
         "{whole:.1}% of the library's samples have a whole stack"
     );
 }
+
+#[test]
+fn binary_in_another_mount_namespace_is_unwound_and_named() {
+    if !can_profile("binary_in_another_mount_namespace_is_unwound_and_named") {
+        return;
+    }
+    let built = c_fixture_with("split", "split-mntns", &["-O2", "-fomit-frame-pointer"]);
+    let dir = scratch("unwind-mntns");
+    let private = dir.join("private");
+    fs::create_dir_all(&private).unwrap();
+    // In a new mount namespace, a tmpfs over `private` holds the binary:
+    // from this namespace the folder stays empty.
+    let script = format!(
+        "mount -t tmpfs none {dir} && cp {bin} {dir}/split && exec {dir}/split",
+        dir = private.display(),
+        bin = built.display()
+    );
+    let target = Target::spawn(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]))
+    .settle(Duration::from_millis(500));
+    assert!(
+        !private.join("split").exists(),
+        "the binary is only in the other namespace"
+    );
+
+    let run = attach(
+        &dir.join("out"),
+        &["-p", &target.pid().to_string(), "-d", "2"],
+    );
+
+    run.assert_success();
+    let stacks = &run.summary()["stacks"];
+    assert!(
+        stacks["complete_percent"].as_f64().unwrap() >= 95.0,
+        "{stacks}"
+    );
+    let named = run.self_share(|leaf| leaf == "spin");
+    assert!(
+        named > 80.0,
+        "spin holds {named:.1}% from another mount namespace"
+    );
+}
