@@ -106,7 +106,7 @@ fn attach_cost(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
         Command::new("node")
             .arg("--perf-basic-prof-only-functions")
             .arg("--interpreted-frames-native-stack")
-            .arg(root.join("tests/fixtures/hot.js"))
+            .arg(root.join("tests/fixtures/crypto-loop.js"))
             .stdout(Stdio::null()),
     )?;
     let spinner = root.join("target/fixtures/bench-spin");
@@ -117,12 +117,84 @@ fn attach_cost(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
     thread::sleep(Duration::from_secs(2));
 
     let stats_restore = BpfStats::enable()?;
+    let mut runs = Vec::new();
+    for (name, flags) in [
+        ("mixed unwinding (default)", &[][..]),
+        ("frame pointers only", &["--unwind-rows", "0"][..]),
+    ] {
+        step(&format!(
+            "profiling the node target for {duration_s} s at {frequency_hz} Hz, {name}"
+        ));
+        runs.push((
+            name,
+            attach_once(&profiler, &out_dir, target, duration_s, frequency_hz, flags)?,
+        ));
+    }
+    drop(stats_restore);
+    drop(workload);
 
-    step(&format!(
-        "profiling the node target for {duration_s} s at {frequency_hz} Hz"
-    ));
-    let started = Instant::now();
-    let mut child = Command::new(&profiler)
+    let figures = serde_json::json!({
+        "cores": cores,
+        "frequency_hz": frequency_hz,
+        "duration_s": duration_s,
+        "target": "node running tests/fixtures/crypto-loop.js (PBKDF2, JSON, recursion)",
+        "runs": runs.iter().map(|(name, run)| {
+            let mut run = run.clone();
+            run["config"] = serde_json::json!(name);
+            run
+        }).collect::<Vec<_>>(),
+    });
+    let path = out_dir.join("attach.json");
+    fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")?;
+
+    println!("\nprofiler attached to a busy node target, {cores} busy cores, {frequency_hz} Hz:");
+    for (name, run) in &runs {
+        println!("  {name}:");
+        println!("    samples                        {}", run["samples"]);
+        println!(
+            "    complete user stacks           {}%",
+            run["complete_percent"]
+        );
+        println!(
+            "    profiler CPU while sampling    {}% of one core",
+            run["profiler_cpu_percent_of_one_core_while_sampling"]
+        );
+        println!(
+            "    sampling program CPU           {}% of one core ({} ns per sample)",
+            run["sampling_program_cpu_percent_of_one_core"], run["sampling_program_ns_per_run"]
+        );
+        println!(
+            "    loop-tracking programs CPU     {}% of one core (host-wide syscalls)",
+            run["loop_programs_cpu_percent_of_one_core"]
+        );
+        println!(
+            "    profiler peak RSS              {} MiB",
+            run["profiler_peak_rss_mib"]
+        );
+        println!(
+            "    load (incl. unwind tables)     {} ms",
+            run["timings_ms"]["load"]
+        );
+        println!(
+            "    stop to flame graph            {} ms",
+            run["stop_to_flame_graph_ms"]
+        );
+    }
+    println!("figures saved to {}", path.display());
+    Ok(())
+}
+
+/// One profiler run against the target; its cost while sampling.
+fn attach_once(
+    profiler: &Path,
+    out_dir: &Path,
+    target: u32,
+    duration_s: u64,
+    frequency_hz: u64,
+    flags: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let profile_dir = out_dir.join("attach-profile");
+    let mut child = Command::new(profiler)
         .args(["attach", "--quiet", "-p", &target.to_string()])
         .args([
             "-d",
@@ -130,8 +202,9 @@ fn attach_cost(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
             "-F",
             &frequency_hz.to_string(),
         ])
+        .args(flags)
         .arg("-o")
-        .arg(out_dir.join("attach-profile"))
+        .arg(&profile_dir)
         .stdout(Stdio::null())
         .spawn()
         .context("cannot start the profiler; run `cargo xtask build` first")?;
@@ -146,57 +219,36 @@ fn attach_cost(duration_s: u64, frequency_hz: u64) -> anyhow::Result<()> {
     thread::sleep(window);
     let cpu_b = cpu_time_s(pid)?;
     let bpf_b = bpf_prog_stats(pid);
-
     let usage = wait_with_rusage(&mut child)?;
-    let wall_s = started.elapsed().as_secs_f64();
-    drop(stats_restore);
-    drop(workload);
 
-    let summary: serde_json::Value = serde_json::from_str(&fs::read_to_string(
-        out_dir.join("attach-profile/summary.json"),
-    )?)?;
-    let sampling_cpu_percent = 100.0 * (cpu_b - cpu_a) / window.as_secs_f64();
-    let (bpf_ns, bpf_runs) = match (bpf_a, bpf_b) {
-        (Some(a), Some(b)) => (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)),
-        _ => (0, 0),
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(profile_dir.join("summary.json"))?)?;
+    let window_s = window.as_secs_f64();
+    let delta = |kind: &str| -> (u64, u64) {
+        let get = |stats: &Option<BpfProgStats>| {
+            stats
+                .as_ref()
+                .and_then(|s| s.get(kind).copied())
+                .unwrap_or((0, 0))
+        };
+        let (a, b) = (get(&bpf_a), get(&bpf_b));
+        (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1))
     };
-    let bpf_cpu_percent = 100.0 * bpf_ns as f64 / 1e9 / window.as_secs_f64();
-    let bpf_ns_per_run = bpf_ns.checked_div(bpf_runs).unwrap_or(0);
-
-    let figures = serde_json::json!({
-        "cores": cores,
-        "frequency_hz": frequency_hz,
-        "duration_s": duration_s,
+    let (sample_ns, sample_runs) = delta(PERF_EVENT_PROG);
+    let (loop_ns, _) = delta(RAW_TRACEPOINT_PROG);
+    Ok(serde_json::json!({
         "samples": summary["samples"],
-        "profiler_cpu_percent_of_one_core_while_sampling": round2(sampling_cpu_percent),
-        "ebpf_program_cpu_percent_of_one_core": round2(bpf_cpu_percent),
-        "ebpf_program_ns_per_run": bpf_ns_per_run,
+        "complete_percent": summary["stacks"]["complete_percent"],
+        "profiler_cpu_percent_of_one_core_while_sampling":
+            round2(100.0 * (cpu_b - cpu_a) / window_s),
+        "sampling_program_cpu_percent_of_one_core": round2(100.0 * sample_ns as f64 / 1e9 / window_s),
+        "sampling_program_ns_per_run": sample_ns.checked_div(sample_runs).unwrap_or(0),
+        "loop_programs_cpu_percent_of_one_core": round2(100.0 * loop_ns as f64 / 1e9 / window_s),
         "profiler_total_cpu_s": round2(usage.cpu_s),
         "profiler_peak_rss_mib": round2(usage.max_rss_kib as f64 / 1024.0),
         "stop_to_flame_graph_ms": summary["timings_ms"]["stop_to_output"],
         "timings_ms": summary["timings_ms"],
-        "wall_s": round2(wall_s),
-    });
-    let path = out_dir.join("attach.json");
-    fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")?;
-
-    println!("\nprofiler attached to a busy node target, {cores} busy cores:");
-    println!("  samples                          {}", summary["samples"]);
-    println!("  profiler CPU while sampling      {sampling_cpu_percent:.2}% of one core");
-    println!(
-        "  eBPF program CPU                 {bpf_cpu_percent:.3}% of one core ({bpf_ns_per_run} ns per run)"
-    );
-    println!(
-        "  profiler peak RSS                {:.1} MiB",
-        usage.max_rss_kib as f64 / 1024.0
-    );
-    println!(
-        "  stop to flame graph              {} ms",
-        summary["timings_ms"]["stop_to_output"]
-    );
-    println!("  profiler total CPU               {:.2} s", usage.cpu_s);
-    println!("figures saved to {}", path.display());
-    Ok(())
+    }))
 }
 
 fn round2(value: f64) -> f64 {
@@ -271,10 +323,16 @@ fn cpu_time_s(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-/// (run_time_ns, run_cnt) summed over the BPF programs the process holds.
-fn bpf_prog_stats(pid: u32) -> Option<(u64, u64)> {
-    let mut total = (0, 0);
-    let mut found = false;
+/// BPF program types as fdinfo shows them.
+const PERF_EVENT_PROG: &str = "7";
+const RAW_TRACEPOINT_PROG: &str = "17";
+
+/// (run_time_ns, run_cnt) per program type, over the programs a process
+/// holds.
+type BpfProgStats = std::collections::HashMap<String, (u64, u64)>;
+
+fn bpf_prog_stats(pid: u32) -> Option<BpfProgStats> {
+    let mut stats = BpfProgStats::new();
     for fd in fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
         let Ok(link) = fs::read_link(fd.path()) else {
             continue;
@@ -287,21 +345,18 @@ fn bpf_prog_stats(pid: u32) -> Option<(u64, u64)> {
             fd.file_name().to_string_lossy()
         ))
         .ok()?;
-        for line in info.lines() {
-            let mut parts = line.split(':');
-            let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let value: u64 = value.trim().parse().unwrap_or(0);
-            match key.trim() {
-                "run_time_ns" => total.0 += value,
-                "run_cnt" => total.1 += value,
-                _ => {}
-            }
-        }
-        found = true;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(|value| value.trim().to_owned())
+        };
+        let kind = field("prog_type").unwrap_or_default();
+        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let entry = stats.entry(kind).or_default();
+        entry.0 += number("run_time_ns");
+        entry.1 += number("run_cnt");
     }
-    found.then_some(total)
+    Some(stats)
 }
 
 struct Usage {
