@@ -319,6 +319,17 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     if let Some((report, blocking)) = &event_loop {
         written.extend(write_event_loop(&dir, report, blocking, &process)?);
     }
+    let pprof_meta = output::pprof::Meta {
+        frequency_hz: args.frequency,
+        start_unix_ns: started_wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        duration_ns: (duration_s * 1e9) as i64,
+        comment: &format!("profiler attach: {} (pid {pid})", process.command_line()),
+    };
+    written.push(output::write_atomic(&dir, "profile.pb.gz", |w| {
+        output::pprof::write(&profile, &pprof_meta, w)
+    })?);
     let render_ms = elapsed_ms(render_started);
 
     let target_cpu_s = match (cpu_start, cpu_last) {

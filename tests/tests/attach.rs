@@ -403,3 +403,69 @@ fn flame_graph_is_well_formed_svg_with_the_frames() {
         "title names the pid"
     );
 }
+
+#[test]
+fn pprof_export_reads_back_with_a_protobuf_library() {
+    if !can_profile("pprof_export_reads_back_with_a_protobuf_library") {
+        return;
+    }
+    let bin = c_fixture("split");
+    let target = Target::spawn(&mut Command::new(&bin)).settle(Duration::from_millis(200));
+    let dir = scratch("pprof");
+
+    let run = attach(
+        &dir,
+        &["-p", &target.pid().to_string(), "-d", "2", "-F", "199"],
+    );
+
+    run.assert_success();
+    let output = Command::new("python3")
+        .arg(fixture("read_pprof.py"))
+        .arg(dir.join("profile.pb.gz"))
+        .arg(fixture("profile.proto"))
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pprof: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // The same totals as the folded stacks, in counts and in CPU time.
+    let folded_total: u64 = run.folded().iter().map(|(_, n)| n).sum();
+    assert_eq!(pprof["totals"][0].as_u64(), Some(folded_total), "{pprof}");
+    let period = pprof["period"].as_u64().unwrap();
+    assert_eq!(period, 1_000_000_000 / 199);
+    assert_eq!(pprof["totals"][1].as_u64(), Some(folded_total * period));
+    assert_eq!(
+        pprof["sample_types"][0],
+        serde_json::json!(["samples", "count"])
+    );
+    assert_eq!(
+        pprof["sample_types"][1],
+        serde_json::json!(["cpu", "nanoseconds"])
+    );
+    let functions: Vec<&str> = pprof["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        functions.contains(&"hot_three") && functions.contains(&"spin"),
+        "{functions:?}"
+    );
+    let heaviest: Vec<&str> = pprof["heaviest_stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &heaviest[..3],
+        ["spin", "hot_three", "main"],
+        "leaf first: {heaviest:?}"
+    );
+    assert_eq!(pprof["labels"], serde_json::json!(["thread", "thread_id"]));
+}

@@ -94,7 +94,40 @@ pub fn test_tools() -> anyhow::Result<()> {
     if !has_working("setpriv", &["--version"]) {
         missing.push("util-linux");
     }
-    debian_packages(&missing)
+    debian_packages(&missing)?;
+    python_packages(&[
+        ("google.protobuf", "protobuf"),
+        ("grpc_tools", "grpcio-tools"),
+    ])
+}
+
+/// Installs Python packages whose module cannot be imported. The tests
+/// read the profiler's pprof output with the protobuf library.
+pub fn python_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    if !has_working("python3", &["--version"]) {
+        debian_packages(&["python3", "python3-pip"])?;
+    }
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(module, _)| !has_working("python3", &["-c", &format!("import {module}")]))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!(
+        "installing Python packages: {}",
+        missing.join(" ")
+    ));
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+        ])
+        .args(&missing))
 }
 
 /// Installs Debian packages that are missing.

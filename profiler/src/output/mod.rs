@@ -4,6 +4,7 @@
 
 pub mod flamegraph;
 pub mod folded;
+pub mod pprof;
 pub mod summary;
 
 use std::{
