@@ -19,6 +19,45 @@ pub struct Cli {
 pub enum Command {
     /// Sample the on-CPU stacks of a running process.
     Attach(AttachArgs),
+    /// Compare two profiles: a differential flame graph and the frames
+    /// whose share changed most.
+    Diff(DiffArgs),
+    /// Print the hottest frames of a saved profile.
+    Report(ReportArgs),
+}
+
+/// Output format of tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Md,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The baseline: a profile folder or a folded file.
+    pub before: PathBuf,
+    /// The profile to compare with it.
+    pub after: PathBuf,
+    /// Folder for diff.svg, diff.md and diff.json [default: diff].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Rows in the table of changes.
+    #[arg(long, default_value_t = 15, value_name = "N")]
+    pub top: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A profile folder or a folded file.
+    pub profile: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Rows per table.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
 }
 
 #[derive(Debug, Args)]

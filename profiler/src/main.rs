@@ -2,6 +2,8 @@
 
 mod attach;
 mod cli;
+mod compare;
+mod diff;
 mod event_loop;
 mod mappings;
 mod output;
@@ -41,6 +43,8 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Attach(args) => attach::run(args),
+        Command::Diff(args) => diff::run_diff(&args),
+        Command::Report(args) => diff::run_report(&args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
