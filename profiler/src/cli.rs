@@ -58,6 +58,16 @@ pub struct ReportArgs {
     /// Rows per table.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
+    /// Group samples: `thread-role` splits them into node's main thread,
+    /// worker_threads, the libuv threadpool, V8's GC and helper threads and
+    /// others, from thread names and stack entries.
+    #[arg(long, value_enum, value_name = "GROUPING")]
+    pub by: Option<Grouping>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Grouping {
+    ThreadRole,
 }
 
 #[derive(Debug, Args)]

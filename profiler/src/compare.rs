@@ -152,6 +152,88 @@ pub fn hottest(shares: &Shares, n: usize, by_total: bool) -> Vec<Hot> {
         .collect()
 }
 
+/// What a thread is, from its name and the frames its stacks start with:
+/// node's main thread, a `worker_threads` thread, the libuv threadpool, V8's
+/// platform threads (garbage collection or other helpers), or other.
+pub fn thread_role(thread: &str, frames: &[&str]) -> &'static str {
+    const GC_TASKS: [&str; 8] = [
+        "Scavenger",
+        "ConcurrentMarking",
+        "Sweeper",
+        "MarkCompact",
+        "PageEvacuation",
+        "PointersUpdating",
+        "Unmapper",
+        "ArrayBufferSweeper",
+    ];
+    match thread {
+        "libuv-worker" => return "libuv threadpool",
+        name if name.starts_with("V8") || name.starts_with("v8") => return "V8 helper",
+        _ => {}
+    }
+    let has = |needle: &str| frames.iter().any(|f| f.contains(needle));
+    if has("node::worker::Worker::") {
+        "worker_threads"
+    } else if has("node::ThreadPoolWork")
+        || frames
+            .windows(2)
+            .any(|w| w[0] == "start_thread" && w[1] == "worker")
+    {
+        "libuv threadpool"
+    } else if has("PlatformWorkerThread") || has("v8::platform::") {
+        if GC_TASKS.iter().any(|task| has(task)) {
+            "V8 GC"
+        } else {
+            "V8 helper"
+        }
+    } else if has("node::Start(") || has("__libc_start_call_main") || has("__libc_start_main") {
+        "main thread"
+    } else {
+        "other"
+    }
+}
+
+/// Samples per thread role, with each role's hottest frame by self time.
+#[derive(Debug, Serialize)]
+pub struct RoleShare {
+    pub role: &'static str,
+    pub samples: u64,
+    pub percent: f64,
+    pub hottest: Option<String>,
+}
+
+pub fn by_thread_role(folded: &Folded) -> Vec<RoleShare> {
+    let mut roles: HashMap<&'static str, (u64, HashMap<&str, u64>)> = HashMap::new();
+    for (stack, count) in &folded.lines {
+        let mut frames: Vec<&str> = stack.split(';').collect();
+        let thread = if folded.thread_roots && frames.len() > 1 {
+            frames.remove(0)
+        } else {
+            ""
+        };
+        let entry = roles.entry(thread_role(thread, &frames)).or_default();
+        entry.0 += count;
+        if let Some(leaf) = frames.last() {
+            *entry.1.entry(leaf).or_default() += count;
+        }
+    }
+    let total = folded.total().max(1) as f64;
+    let mut rows: Vec<RoleShare> = roles
+        .into_iter()
+        .map(|(role, (samples, leaves))| RoleShare {
+            role,
+            samples,
+            percent: round2(100.0 * samples as f64 / total),
+            hottest: leaves
+                .into_iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(a.0)))
+                .map(|(frame, _)| frame.to_owned()),
+        })
+        .collect();
+    rows.sort_by(|a, b| b.samples.cmp(&a.samples).then_with(|| a.role.cmp(b.role)));
+    rows
+}
+
 /// How one frame's shares moved between two profiles, in percentage points.
 #[derive(Debug, Serialize)]
 pub struct Change {
@@ -282,6 +364,37 @@ mod tests {
             rows.iter().all(|r| r.frame != "main" && r.frame != "spin"),
             "unchanged frames drop out"
         );
+    }
+
+    #[test]
+    fn thread_roles_come_from_names_and_stack_entries() {
+        let main = [
+            "_start",
+            "__libc_start_call_main",
+            "node::Start(int, char**)",
+            "uv_run",
+        ];
+        assert_eq!(thread_role("node", &main), "main thread");
+        let pool = [
+            "clone3",
+            "start_thread",
+            "worker",
+            "node::ThreadPoolWork::ScheduleWork()",
+        ];
+        assert_eq!(thread_role("node", &pool), "libuv threadpool");
+        let worker = ["clone3", "start_thread", "node::worker::Worker::Run()"];
+        assert_eq!(thread_role("node", &worker), "worker_threads");
+        let gc = [
+            "start_thread",
+            "node::(anonymous namespace)::PlatformWorkerThread(void*)",
+            "v8::internal::ScavengerCollector::JobTask::Run(v8::JobDelegate*)",
+        ];
+        assert_eq!(thread_role("node", &gc), "V8 GC");
+        assert_eq!(
+            thread_role("libuv-worker", &["start_thread"]),
+            "libuv threadpool"
+        );
+        assert_eq!(thread_role("node", &["start_thread", "mystery"]), "other");
     }
 
     #[test]

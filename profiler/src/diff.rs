@@ -7,7 +7,7 @@ use inferno::flamegraph::{self, Options};
 use log::warn;
 
 use crate::{
-    cli::{DiffArgs, Format, ReportArgs},
+    cli::{DiffArgs, Format, Grouping, ReportArgs},
     compare::{self, Folded},
     output,
 };
@@ -138,6 +138,40 @@ fn differential(
 
 pub fn run_report(args: &ReportArgs) -> anyhow::Result<i32> {
     let folded = compare::load(&args.profile)?;
+    if args.by == Some(Grouping::ThreadRole) {
+        let rows = compare::by_thread_role(&folded);
+        let out = match args.format {
+            Format::Json => serde_json::to_string_pretty(&rows)? + "\n",
+            Format::Md => {
+                let mut md = String::from(
+                    "| thread role | samples | share | hottest frame |\n| --- | ---: | ---: | --- |\n",
+                );
+                for row in &rows {
+                    md.push_str(&format!(
+                        "| {} | {} | {:.2}% | `{}` |\n",
+                        row.role,
+                        row.samples,
+                        row.percent,
+                        row.hottest.as_deref().unwrap_or("").replace('|', "\\|")
+                    ));
+                }
+                md
+            }
+            Format::Text => rows
+                .iter()
+                .map(|row| {
+                    format!(
+                        "  {:>6.2}%  {:<18} {}\n",
+                        row.percent,
+                        row.role,
+                        row.hottest.as_deref().unwrap_or("")
+                    )
+                })
+                .collect(),
+        };
+        let _ = std::io::stdout().lock().write_all(out.as_bytes());
+        return Ok(0);
+    }
     let shares = compare::shares(&folded);
     let by_self = compare::hottest(&shares, args.top, false);
     let by_total = compare::hottest(&shares, args.top, true);

@@ -84,6 +84,18 @@ fn openssl_samples_sit_under_the_js_function_that_called_pbkdf2() {
     );
     assert_eq!(fp_stacks["unwinding"], "frame pointers");
     assert!(fp_under < under);
+
+    // With whole stacks, each sample's thread role is known: the loop runs
+    // pbkdf2Sync synchronously, on the main thread.
+    let roles = Command::new(integration_tests::profiler_bin())
+        .args(["report", "--by", "thread-role", "--format", "json"])
+        .arg(dir.join("tables"))
+        .output()
+        .unwrap();
+    assert!(roles.status.success());
+    let roles: serde_json::Value = serde_json::from_slice(&roles.stdout).unwrap();
+    assert_eq!(roles[0]["role"], "main thread", "{roles:#}");
+    assert!(roles[0]["percent"].as_f64().unwrap() > 80.0, "{roles:#}");
 }
 
 #[test]
