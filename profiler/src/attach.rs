@@ -308,16 +308,27 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     let symbolize_ms = elapsed_ms(symbolize_started);
 
     let render_started = Instant::now();
+    let look = output::flamegraph::Look {
+        title: args.title.clone(),
+        inverted: args.inverted,
+        min_width_px: args.min_width,
+    };
+    let thread_roots = !args.no_thread_roots;
     let mut written = write_profile(
         &dir,
         &profile,
         &process,
-        args.frequency,
-        duration_s,
-        stats.samples,
+        (args.frequency, duration_s, stats.samples),
+        (&look, thread_roots),
     )?;
     if let Some((report, blocking)) = &event_loop {
-        written.extend(write_event_loop(&dir, report, blocking, &process)?);
+        written.extend(write_event_loop(
+            &dir,
+            report,
+            blocking,
+            &process,
+            (&look, thread_roots),
+        )?);
     }
     let pprof_meta = output::pprof::Meta {
         frequency_hz: args.frequency,
@@ -577,11 +588,10 @@ fn write_profile(
     dir: &Path,
     profile: &Profile,
     process: &ProcessInfo,
-    frequency_hz: u64,
-    duration_s: f64,
-    samples: u64,
+    (frequency_hz, duration_s, samples): (u64, f64, u64),
+    (look, thread_roots): (&output::flamegraph::Look, bool),
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let folded = profile.folded();
+    let folded = profile.folded(thread_roots);
     let mut written = vec![output::write_atomic(dir, "stacks.folded", |w| {
         Ok(output::folded::write(&folded, w)?)
     })?];
@@ -596,7 +606,7 @@ fn write_profile(
         );
         let subtitle = format!("{duration_s:.1} s at {frequency_hz} Hz, {samples} samples");
         written.push(output::write_atomic(dir, "flamegraph.svg", |w| {
-            output::flamegraph::write(&folded, &title, &subtitle, w)
+            output::flamegraph::write(&folded, &title, &subtitle, look, w)
         })?);
     }
     Ok(written)
@@ -608,8 +618,9 @@ fn write_event_loop(
     report: &LoopReport,
     blocking: &Profile,
     process: &ProcessInfo,
+    (look, thread_roots): (&output::flamegraph::Look, bool),
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let folded = blocking.folded();
+    let folded = blocking.folded(thread_roots);
     let mut written = vec![output::write_atomic(dir, "blocking.folded", |w| {
         Ok(output::folded::write(&folded, w)?)
     })?];
@@ -624,7 +635,7 @@ fn write_event_loop(
             report.all.episode_count, report.threshold_ms, report.episode_samples
         );
         written.push(output::write_atomic(dir, "blocking.svg", |w| {
-            output::flamegraph::write(&folded, &title, &subtitle, w)
+            output::flamegraph::write(&folded, &title, &subtitle, look, w)
         })?);
     }
     written.push(output::write_atomic(dir, "episodes.json", |w| {

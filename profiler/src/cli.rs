@@ -116,6 +116,23 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = profiler_common::DEFAULT_UNWIND_ROWS, value_name = "N")]
     pub unwind_rows: u32,
 
+    /// Title of the flame graphs, instead of the command line.
+    #[arg(long)]
+    pub title: Option<String>,
+
+    /// Draw the flame graphs as icicles, roots at the top.
+    #[arg(long)]
+    pub inverted: bool,
+
+    /// Leave frames narrower than this many pixels out of the flame graphs.
+    #[arg(long, default_value_t = 0.1, value_name = "PX")]
+    pub min_width: f64,
+
+    /// No thread-name root frame in folded stacks and flame graphs: stacks
+    /// of all threads merge.
+    #[arg(long)]
+    pub no_thread_roots: bool,
+
     /// No live progress line.
     #[arg(short, long)]
     pub quiet: bool,

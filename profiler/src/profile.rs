@@ -147,17 +147,26 @@ impl Profile {
         self.samples.iter().map(|s| s.count).sum()
     }
 
-    /// Folded stacks, `thread;root;…;leaf` with counts, merged and sorted.
-    pub fn folded(&self) -> Vec<(String, u64)> {
+    /// Folded stacks, `thread;root;…;leaf` with counts, merged and sorted;
+    /// without the thread-name root when `thread_roots` is false.
+    pub fn folded(&self, thread_roots: bool) -> Vec<(String, u64)> {
         let mut merged: BTreeMap<String, u64> = BTreeMap::new();
         for sample in &self.samples {
-            let mut line = sample.thread.replace([';', '\n', ' '], "_");
-            if line.is_empty() {
-                line = format!("[tid {}]", sample.tid);
+            let mut line = String::new();
+            if thread_roots {
+                line = sample.thread.replace([';', '\n', ' '], "_");
+                if line.is_empty() {
+                    line = format!("[tid {}]", sample.tid);
+                }
             }
             for &frame in &sample.stack {
-                line.push(';');
+                if !line.is_empty() {
+                    line.push(';');
+                }
                 line.push_str(&self.frames[frame].folded_name());
+            }
+            if line.is_empty() {
+                continue;
             }
             *merged.entry(line).or_default() += sample.count;
         }
@@ -283,7 +292,7 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            profile.folded(),
+            profile.folded(true),
             [
                 ("node;main;handler /a.js:1:1_[j]".to_owned(), 5),
                 ("node;main;read;vfs_read_[k]".to_owned(), 1),
@@ -294,7 +303,8 @@ mod tests {
     #[test]
     fn separators_in_names_cannot_split_frames() {
         let profile = profile_of(&[("my thread", &[("a;b", Native)], 1)]);
-        assert_eq!(profile.folded(), [("my_thread;a:b".to_owned(), 1)]);
+        assert_eq!(profile.folded(true), [("my_thread;a:b".to_owned(), 1)]);
+        assert_eq!(profile.folded(false), [("a:b".to_owned(), 1)]);
     }
 
     #[test]

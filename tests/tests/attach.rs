@@ -469,3 +469,61 @@ fn pprof_export_reads_back_with_a_protobuf_library() {
     );
     assert_eq!(pprof["labels"], serde_json::json!(["thread", "thread_id"]));
 }
+
+#[test]
+fn flame_graph_choices_title_icicle_and_no_thread_roots() {
+    if !can_profile("flame_graph_choices_title_icicle_and_no_thread_roots") {
+        return;
+    }
+    let bin = c_fixture("split");
+    let target = Target::spawn(&mut Command::new(&bin)).settle(Duration::from_millis(200));
+    let dir = scratch("svg-choices");
+
+    let run = attach(
+        &dir,
+        &[
+            "-p",
+            &target.pid().to_string(),
+            "-d",
+            "2",
+            "--title",
+            "Split before the fix",
+            "--inverted",
+            "--no-thread-roots",
+        ],
+    );
+
+    run.assert_success();
+    assert!(
+        run.folded()
+            .iter()
+            .all(|(stack, _)| !stack.starts_with("split;")),
+        "no thread-name roots: {:?}",
+        run.folded()
+    );
+    let svg = fs::read_to_string(dir.join("flamegraph.svg")).unwrap();
+    assert!(svg.contains("Split before the fix"));
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&svg, options).unwrap();
+    // The y of the first frame whose tooltip starts with `name`.
+    let y_of = |name: &str| -> f64 {
+        doc.descendants()
+            .filter(|n| n.has_tag_name("g"))
+            .find(|g| {
+                g.children().any(|c| {
+                    c.has_tag_name("title") && c.text().is_some_and(|t| t.starts_with(name))
+                })
+            })
+            .and_then(|g| g.children().find(|c| c.has_tag_name("rect")))
+            .and_then(|rect| rect.attribute("y"))
+            .and_then(|y| y.parse().ok())
+            .unwrap_or_else(|| panic!("no frame {name}"))
+    };
+    assert!(
+        y_of("main ") < y_of("spin "),
+        "an icicle graph has its roots at the top"
+    );
+}
