@@ -63,6 +63,10 @@ pub struct ReportArgs {
     /// others, from thread names and stack entries.
     #[arg(long, value_enum, value_name = "GROUPING")]
     pub by: Option<Grouping>,
+    /// Also write the profile as gzip-compressed pprof to this file, e.g.
+    /// to open a folded file from another tool in pprof or Pyroscope.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -86,6 +86,29 @@ pub fn run_diff(args: &DiffArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Writes a loaded profile as pprof, next to nothing else: the file is
+/// complete or absent.
+fn write_pprof(folded: &Folded, path: &std::path::Path) -> anyhow::Result<()> {
+    let profile = crate::profile::Profile::from_folded(&folded.lines, folded.thread_roots);
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("--pprof needs a file name")?;
+    // Without a known rate, each sample is worth one period of 10 ms.
+    let meta = output::pprof::Meta {
+        frequency_hz: folded.frequency_hz.unwrap_or(100),
+        start_unix_ns: 0,
+        duration_ns: 0,
+        comment: &format!("from {}", folded.path.display()),
+    };
+    output::write_atomic(&dir, name, |w| output::pprof::write(&profile, &meta, w))?;
+    Ok(())
+}
+
 /// Says so when the two profiles were sampled at different frequencies:
 /// the shares compare, the raw counts do not.
 fn frequency_note(before: &Folded, after: &Folded) -> Option<String> {
@@ -138,6 +161,10 @@ fn differential(
 
 pub fn run_report(args: &ReportArgs) -> anyhow::Result<i32> {
     let folded = compare::load(&args.profile)?;
+    if let Some(path) = &args.pprof {
+        write_pprof(&folded, path)?;
+        eprintln!("wrote {}", path.display());
+    }
     if args.by == Some(Grouping::ThreadRole) {
         let rows = compare::by_thread_role(&folded);
         let out = match args.format {

@@ -241,6 +241,36 @@ impl Profile {
         self.rank(by_frame, n)
     }
 
+    /// A profile from folded lines, as `profiler report` reads them back.
+    /// Frame kinds come from the `_[k]` and `_[j]` marks; with
+    /// `thread_roots`, each line's first frame is its thread's name.
+    pub fn from_folded(lines: &[(String, u64)], thread_roots: bool) -> Self {
+        let mut profile = Self::default();
+        for (stack, count) in lines {
+            let mut frames: Vec<&str> = stack.split(';').collect();
+            let thread = if thread_roots && frames.len() > 1 {
+                frames.remove(0)
+            } else {
+                ""
+            };
+            let stack = frames
+                .into_iter()
+                .map(|name| {
+                    let frame = if let Some(name) = name.strip_suffix("_[k]") {
+                        Frame::new(name, FrameKind::Kernel)
+                    } else if let Some(name) = name.strip_suffix("_[j]") {
+                        Frame::new(name, FrameKind::Jit)
+                    } else {
+                        Frame::new(name, FrameKind::Native)
+                    };
+                    profile.intern(frame)
+                })
+                .collect();
+            profile.add(0, thread, stack, *count);
+        }
+        profile
+    }
+
     /// Samples per thread name, most first.
     pub fn by_thread(&self) -> Vec<(String, u64)> {
         let mut by_thread: HashMap<&str, u64> = HashMap::new();
@@ -298,6 +328,17 @@ mod tests {
                 ("node;main;read;vfs_read_[k]".to_owned(), 1),
             ]
         );
+    }
+
+    #[test]
+    fn folded_lines_read_back_to_the_same_lines() {
+        let lines = vec![
+            ("node;main;handler /a.js:1:1_[j]".to_owned(), 5),
+            ("node;main;read;vfs_read_[k]".to_owned(), 1),
+        ];
+        let profile = Profile::from_folded(&lines, true);
+        assert_eq!(profile.folded(true), lines);
+        assert_eq!(profile.total(), 6);
     }
 
     #[test]

@@ -145,3 +145,51 @@ fn bad_input_to_diff_and_report_is_named_and_writes_nothing() {
     let text = String::from_utf8_lossy(&report.stdout);
     assert!(text.contains("75.00%  work"), "{text}");
 }
+
+#[test]
+fn pprof_from_a_known_folded_input_round_trips_to_the_same_totals() {
+    let dir = scratch("compare-pprof");
+    let folded = dir.join("known.folded");
+    fs::write(
+        &folded,
+        "main;parse;tokenize 40\nmain;parse 10\nmain;render 25\nmain;sys_read_[k] 5\n",
+    )
+    .unwrap();
+    let pprof = dir.join("known.pb.gz");
+
+    let output = profiler(&[
+        "report",
+        folded.to_str().unwrap(),
+        "--pprof",
+        pprof.to_str().unwrap(),
+    ]);
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read = Command::new("python3")
+        .arg(integration_tests::fixture("read_pprof.py"))
+        .arg(&pprof)
+        .arg(integration_tests::fixture("profile.proto"))
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(read["totals"][0], 80);
+    assert_eq!(read["totals"][1], 80 * 10_000_000u64);
+    assert_eq!(
+        read["heaviest_stack"],
+        serde_json::json!(["tokenize", "parse", "main"])
+    );
+    let functions = read["functions"].as_array().unwrap();
+    assert!(
+        functions.contains(&serde_json::json!("sys_read_[k]")),
+        "{functions:?}"
+    );
+}
