@@ -227,3 +227,12 @@ pub fn wait_for_file(path: &Path, timeout: Duration) -> bool {
     }
     false
 }
+
+/// Parses a flame graph, which declares a DTD, as XML.
+pub fn parse_svg(svg: &str) -> roxmltree::Document<'_> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    roxmltree::Document::parse_with_options(svg, options).expect("the SVG parses as XML")
+}

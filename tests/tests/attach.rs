@@ -382,12 +382,7 @@ fn flame_graph_is_well_formed_svg_with_the_frames() {
 
     run.assert_success();
     let svg = fs::read_to_string(dir.join("flamegraph.svg")).unwrap();
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(&svg, options)
-        .expect("flamegraph.svg parses as XML");
+    let doc = integration_tests::parse_svg(&svg);
     assert_eq!(doc.root_element().tag_name().name(), "svg");
     let titles: Vec<&str> = doc
         .descendants()
@@ -503,11 +498,7 @@ fn flame_graph_choices_title_icicle_and_no_thread_roots() {
     );
     let svg = fs::read_to_string(dir.join("flamegraph.svg")).unwrap();
     assert!(svg.contains("Split before the fix"));
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(&svg, options).unwrap();
+    let doc = integration_tests::parse_svg(&svg);
     // The y of the first frame whose tooltip starts with `name`.
     let y_of = |name: &str| -> f64 {
         doc.descendants()

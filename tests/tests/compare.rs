@@ -76,11 +76,7 @@ fn diff_shows_a_removed_function_as_the_largest_negative_change() {
     assert!(md.contains("| `hot_three` |"), "{md}");
     assert!(md.contains("different frequencies"), "{md}");
     let svg = fs::read_to_string(out_dir.join("diff.svg")).unwrap();
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    roxmltree::Document::parse_with_options(&svg, options).expect("diff.svg parses");
+    integration_tests::parse_svg(&svg);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("hot_three"), "{stdout}");
 

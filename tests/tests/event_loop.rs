@@ -163,11 +163,7 @@ fn every_blocking_episode_is_found_with_its_duration_and_function() {
     );
 
     let svg = fs::read_to_string(run.dir.join("blocking.svg")).unwrap();
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(&svg, options).unwrap();
+    let doc = integration_tests::parse_svg(&svg);
     let svg_share: f64 = doc
         .descendants()
         .filter(|n| n.has_tag_name("title"))
