@@ -406,11 +406,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
             stop_to_output: elapsed_ms(stopped),
         },
     };
-    written.push(output::write_atomic(&dir, "summary.json", |w| {
-        serde_json::to_writer_pretty(&mut *w, &summary)?;
-        writeln!(w)?;
-        Ok(())
-    })?);
+    written.push(output::write_json(&dir, "summary.json", &summary)?);
     print_report(
         &summary,
         event_loop.as_ref().map(|(report, _)| report),
@@ -592,24 +588,22 @@ fn write_profile(
     (look, thread_roots): (&output::flamegraph::Look, bool),
 ) -> anyhow::Result<Vec<PathBuf>> {
     let folded = profile.folded(thread_roots);
-    let mut written = vec![output::write_atomic(dir, "stacks.folded", |w| {
-        Ok(output::folded::write(&folded, w)?)
-    })?];
-
     if folded.is_empty() {
         warn!("no samples: the target did not run on a CPU while it was profiled; no flame graph");
-    } else {
-        let title = format!(
-            "{} (pid {})",
-            shorten(&process.command_line(), 80),
-            process.pid
-        );
-        let subtitle = format!("{duration_s:.1} s at {frequency_hz} Hz, {samples} samples");
-        written.push(output::write_atomic(dir, "flamegraph.svg", |w| {
-            output::flamegraph::write(&folded, &title, &subtitle, look, w)
-        })?);
     }
-    Ok(written)
+    let title = format!(
+        "{} (pid {})",
+        shorten(&process.command_line(), 80),
+        process.pid
+    );
+    let subtitle = format!("{duration_s:.1} s at {frequency_hz} Hz, {samples} samples");
+    output::write_stacks(
+        dir,
+        ("stacks.folded", "flamegraph.svg"),
+        &folded,
+        (&title, &subtitle),
+        look,
+    )
 }
 
 /// Writes `blocking.folded`, `blocking.svg` and `episodes.json`.
@@ -620,29 +614,23 @@ fn write_event_loop(
     process: &ProcessInfo,
     (look, thread_roots): (&output::flamegraph::Look, bool),
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let folded = blocking.folded(thread_roots);
-    let mut written = vec![output::write_atomic(dir, "blocking.folded", |w| {
-        Ok(output::folded::write(&folded, w)?)
-    })?];
-    if !folded.is_empty() {
-        let title = format!(
-            "Event-loop blocking: {} (pid {})",
-            shorten(&process.command_line(), 70),
-            process.pid
-        );
-        let subtitle = format!(
-            "{} episodes of {} ms or more, {} samples",
-            report.all.episode_count, report.threshold_ms, report.episode_samples
-        );
-        written.push(output::write_atomic(dir, "blocking.svg", |w| {
-            output::flamegraph::write(&folded, &title, &subtitle, look, w)
-        })?);
-    }
-    written.push(output::write_atomic(dir, "episodes.json", |w| {
-        serde_json::to_writer_pretty(&mut *w, &report.episodes)?;
-        writeln!(w)?;
-        Ok(())
-    })?);
+    let title = format!(
+        "Event-loop blocking: {} (pid {})",
+        shorten(&process.command_line(), 70),
+        process.pid
+    );
+    let subtitle = format!(
+        "{} episodes of {} ms or more, {} samples",
+        report.all.episode_count, report.threshold_ms, report.episode_samples
+    );
+    let mut written = output::write_stacks(
+        dir,
+        ("blocking.folded", "blocking.svg"),
+        &blocking.folded(thread_roots),
+        (&title, &subtitle),
+        look,
+    )?;
+    written.push(output::write_json(dir, "episodes.json", &report.episodes)?);
     Ok(written)
 }
 

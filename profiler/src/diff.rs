@@ -47,21 +47,18 @@ pub fn run_diff(args: &DiffArgs) -> anyhow::Result<i32> {
         w.write_all(compare::changes_markdown(&rows).as_bytes())?;
         Ok(())
     })?;
-    let json = output::write_atomic(&dir, "diff.json", |w| {
-        serde_json::to_writer_pretty(
-            &mut *w,
-            &serde_json::json!({
-                "before": before.path,
-                "after": after.path,
-                "before_samples": before.total(),
-                "after_samples": after.total(),
-                "note": note,
-                "changes": rows,
-            }),
-        )?;
-        writeln!(w)?;
-        Ok(())
-    })?;
+    let json = output::write_json(
+        &dir,
+        "diff.json",
+        &serde_json::json!({
+            "before": before.path,
+            "after": after.path,
+            "before_samples": before.total(),
+            "after_samples": after.total(),
+            "note": note,
+            "changes": rows,
+        }),
+    )?;
 
     let mut out = format!(
         "{title}: {} samples before, {} after\n\n{:>9} {:>9}  frame\n",

@@ -39,11 +39,14 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     step("differential flame graph, baseline to fixed");
-    let diff = out.join("diff.svg");
-    differential(
-        &out.join("baseline/stacks.folded"),
-        &out.join("fixed/stacks.folded"),
-        &diff,
+    crate::run(
+        Command::new(root.join("target/release/profiler"))
+            .arg("diff")
+            .arg(out.join("baseline"))
+            .arg(out.join("fixed"))
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null()),
     )?;
 
     let report = report(&runs[0], &runs[1])?;
@@ -60,6 +63,7 @@ pub fn run() -> anyhow::Result<()> {
         "baseline/blocking.svg",
         "fixed/flamegraph.svg",
         "diff.svg",
+        "diff.md",
         "baseline/loadtest.json",
         "fixed/loadtest.json",
         "report.md",
@@ -202,26 +206,6 @@ impl Drop for Api {
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
-}
-
-/// A differential flame graph from BEFORE to AFTER, sample counts
-/// normalized: red where AFTER spends more, blue where it spends less.
-pub fn differential(before: &Path, after: &Path, svg: &Path) -> anyhow::Result<()> {
-    let mut folded = Vec::new();
-    let options = inferno::differential::Options {
-        normalize: true,
-        ..Default::default()
-    };
-    inferno::differential::from_files(options, before, after, &mut folded)
-        .context("cannot diff the folded stacks")?;
-    let mut options = inferno::flamegraph::Options::default();
-    options.title = "Baseline to fixed (normalized): red grew, blue shrank".to_owned();
-    options.count_name = "samples".to_owned();
-    let tmp = svg.with_extension("svg.tmp");
-    let file = fs::File::create(&tmp)?;
-    inferno::flamegraph::from_reader(&mut options, &folded[..], file)?;
-    fs::rename(&tmp, svg)?;
-    Ok(())
 }
 
 fn num(value: &Value) -> f64 {

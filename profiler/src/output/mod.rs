@@ -53,6 +53,39 @@ pub fn write_atomic(
     Ok(path)
 }
 
+/// Writes `value` as pretty JSON to `name` in `dir`, atomically.
+pub fn write_json(
+    dir: &Path,
+    name: &str,
+    value: &impl serde::Serialize,
+) -> anyhow::Result<PathBuf> {
+    write_atomic(dir, name, |w| {
+        serde_json::to_writer_pretty(&mut *w, value)?;
+        writeln!(w)?;
+        Ok(())
+    })
+}
+
+/// Writes folded stacks to `folded_name` and, when there are any, their
+/// flame graph to `svg_name`; returns the files written.
+pub fn write_stacks(
+    dir: &Path,
+    (folded_name, svg_name): (&str, &str),
+    folded: &[(String, u64)],
+    (title, subtitle): (&str, &str),
+    look: &flamegraph::Look,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut written = vec![write_atomic(dir, folded_name, |w| {
+        Ok(self::folded::write(folded, w)?)
+    })?];
+    if !folded.is_empty() {
+        written.push(write_atomic(dir, svg_name, |w| {
+            flamegraph::write(folded, title, subtitle, look, w)
+        })?);
+    }
+    Ok(written)
+}
+
 /// Under sudo, hands a written file to the user who ran sudo, so that the
 /// profile can be opened, moved and deleted without root.
 fn give_to_invoking_user(path: &Path) {
