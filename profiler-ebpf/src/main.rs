@@ -31,7 +31,8 @@ use profiler_common::{
     DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_UNWIND_ROWS, HIST_BUCKETS, HIST_GROUPS,
     LOOP_EVENTS_BYTES, LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, MAX_STACK_DEPTH,
     MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind, STACK_LOST, SampleKey, Stack, TARGET_ENTRIES,
-    THREAD_ENTRIES, ThreadInfo, UnwindRow, cfa_kind, hist_bucket, loop_event, stack_hash, stat,
+    THREAD_ENTRIES, ThreadInfo, UnwindMapping, UnwindRow, cfa_kind, hist_bucket, loop_event,
+    stack_hash, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.
@@ -291,6 +292,9 @@ struct Walk {
     bp: u64,
     pid: u32,
     len: u32,
+    /// The mapping of the last frame found in one; consecutive frames are
+    /// mostly in the same binary, so this saves a map lookup per frame.
+    mapping: UnwindMapping,
 }
 
 /// Walks the user stack with the process's unwind tables where a frame's
@@ -308,6 +312,7 @@ fn table_stack_id(ctx: &PerfEventContext, pid: u32) -> u64 {
         bp,
         pid,
         len: 0,
+        mapping: UnwindMapping::default(),
     };
     // SAFETY: `walk_step` has the callback signature bpf_loop expects, and
     // `walk` outlives the call.
@@ -373,7 +378,16 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
 
     // A caller's pc is a return address, after its call: look up the call.
     let lookup = if i == 0 { walk.pc } else { walk.pc - 1 };
-    let row = find_row(walk.pid, lookup);
+    if !(walk.mapping.start <= lookup && lookup < walk.mapping.end)
+        && let Some(mapping) = find_mapping(walk.pid, lookup)
+    {
+        walk.mapping = mapping;
+    }
+    let row = if walk.mapping.start <= lookup && lookup < walk.mapping.end {
+        find_row(&walk.mapping, lookup)
+    } else {
+        None
+    };
     let (cfa, bp) = match row {
         Some(row) if row.cfa_kind != cfa_kind::UNKNOWN => {
             let cfa = match row.cfa_kind {
@@ -419,24 +433,27 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// The unwind row for `pc` in process `pid`, if its mapping has a table.
+/// The mapping of process `pid` that holds `pc`, if it has a table.
 #[inline(always)]
-fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
+fn find_mapping(pid: u32, pc: u64) -> Option<UnwindMapping> {
     let proc = PROC_UNWIND.get_ptr(pid)?;
     // SAFETY: pointer from a successful lookup; read only.
     let proc = unsafe { &*proc };
-    let mut found = None;
     for j in 0..MAX_UNWIND_MAPPINGS {
         if j as u32 >= proc.count {
             break;
         }
         let mapping = &proc.mappings[j];
         if mapping.start <= pc && pc < mapping.end {
-            found = Some(*mapping);
-            break;
+            return Some(*mapping);
         }
     }
-    let mapping = found?;
+    None
+}
+
+/// The unwind row for `pc`, an address inside `mapping`.
+#[inline(always)]
+fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
     let vaddr = pc - mapping.bias;
     // The last row at or below `vaddr`, by binary search; 2^24 rows at
     // most per binary.
