@@ -65,9 +65,17 @@ static PROC_UNWIND: HashMap<u32, ProcUnwind> = HashMap::with_max_entries(TARGET_
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
-/// Sample counts per thread and stack pair.
+/// Sample counts per thread and stack pair. There are two, so that user
+/// space can read and clear one while the other fills: `COUNTS_SLOT` says
+/// which one new samples go to (0 for `COUNTS`, 1 for `COUNTS_ALT`).
 #[map]
 static COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(DEFAULT_COUNT_ENTRIES, 0);
+
+#[map]
+static COUNTS_ALT: HashMap<SampleKey, u64> = HashMap::with_max_entries(DEFAULT_COUNT_ENTRIES, 0);
+
+#[map]
+static COUNTS_SLOT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Last seen name of each sampled thread.
 #[map]
@@ -124,19 +132,9 @@ fn try_profile(ctx: &PerfEventContext) {
         user_stack_id,
         kernel_stack_id,
     };
-    match COUNTS.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful map lookup and stays
-        // valid for this program run. The key holds the thread id, and a
-        // thread runs on one CPU at a time, so no other CPU writes this
-        // entry concurrently and a plain add is enough.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            // A concurrent insert of the same key from another CPU makes
-            // this fail with EEXIST; that sample is then counted as full.
-            if COUNTS.insert(key, 1u64, BPF_NOEXIST as u64).is_err() {
-                bump(stat::COUNTS_FULL);
-            }
-        }
+    match COUNTS_SLOT.get(0) {
+        Some(&1) => count_sample(&COUNTS_ALT, &key),
+        _ => count_sample(&COUNTS, &key),
     }
 
     record_thread(pid, tid);
@@ -157,6 +155,24 @@ fn try_profile(ctx: &PerfEventContext) {
                 start_ns: now,
                 end_ns: now,
             });
+        }
+    }
+}
+
+#[inline(always)]
+fn count_sample(counts: &HashMap<SampleKey, u64>, key: &SampleKey) {
+    match counts.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful map lookup and stays
+        // valid for this program run. The key holds the thread id, and a
+        // thread runs on one CPU at a time, so no other CPU writes this
+        // entry concurrently and a plain add is enough.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            // A concurrent insert of the same key from another CPU makes
+            // this fail with EEXIST; that sample is then counted as full.
+            if counts.insert(key, 1u64, BPF_NOEXIST as u64).is_err() {
+                bump(stat::COUNTS_FULL);
+            }
         }
     }
 }

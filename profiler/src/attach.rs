@@ -550,7 +550,7 @@ async fn stop_child(child: &mut Child) -> ExitStatus {
     }
 }
 
-fn open_perf_map(process: &ProcessInfo) -> Option<PerfMapFile> {
+pub fn open_perf_map(process: &ProcessInfo) -> Option<PerfMapFile> {
     let path = perf_map::path_for(process);
     match PerfMapFile::open_trusted(&path, process.uid) {
         Ok(file) => {

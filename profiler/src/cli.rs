@@ -24,6 +24,10 @@ pub enum Command {
     Diff(DiffArgs),
     /// Print the hottest frames of a saved profile.
     Report(ReportArgs),
+    /// Sample continuously: one profile per process and interval, kept on
+    /// disk with bounded retention, optionally pushed to Pyroscope, with
+    /// Prometheus metrics.
+    Daemon(DaemonArgs),
 }
 
 /// Output format of tables.
@@ -145,4 +149,100 @@ pub struct AttachArgs {
     /// when it exits.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Default, Args)]
+#[command(after_help = "\
+Examples:
+  sudo profiler daemon --name '^node$' -o /var/lib/profiler
+  sudo profiler daemon --cgroup /system.slice/api.service --pyroscope-url http://pyroscope:4040
+  sudo profiler daemon --config /etc/profiler/daemon.toml
+
+Flags override the config file. SIGHUP reloads the config file; SIGTERM and
+SIGINT write the interval under way before exiting.")]
+pub struct DaemonArgs {
+    /// TOML config file; reloaded on SIGHUP.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Sample this process (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Sample processes whose name (as in /proc/PID/comm) matches.
+    #[arg(long, value_name = "REGEX")]
+    pub name: Option<String>,
+
+    /// Sample processes in this cgroup (v2 path) or below it.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+
+    /// Sample every process of the host.
+    #[arg(long)]
+    pub host: bool,
+
+    /// Samples per second per CPU [default: 19].
+    #[arg(short = 'F', long, value_name = "HZ")]
+    pub frequency: Option<u64>,
+
+    /// Length of one profile [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<f64>,
+
+    /// Folder of the profiles [default: /var/lib/profiler].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// Remove profiles older than this [default: 168, a week].
+    #[arg(long, value_name = "HOURS")]
+    pub max_age: Option<f64>,
+
+    /// Remove the oldest profiles while all of them take more than this
+    /// [default: 1024].
+    #[arg(long, value_name = "MIB")]
+    pub max_size: Option<f64>,
+
+    /// Push each interval's profiles to this Pyroscope server.
+    #[arg(long, value_name = "URL")]
+    pub pyroscope_url: Option<String>,
+
+    /// Application name in Pyroscope [default: the process name].
+    #[arg(long, value_name = "NAME")]
+    pub pyroscope_app: Option<String>,
+
+    /// Bearer token for the Pyroscope server.
+    #[arg(long, env = "PROFILER_PYROSCOPE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub pyroscope_token: Option<String>,
+
+    /// Basic-auth user for the Pyroscope server.
+    #[arg(long, env = "PROFILER_PYROSCOPE_USER", value_name = "USER")]
+    pub pyroscope_user: Option<String>,
+
+    /// Basic-auth password for the Pyroscope server.
+    #[arg(
+        long,
+        env = "PROFILER_PYROSCOPE_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub pyroscope_password: Option<String>,
+
+    /// Intervals kept for Pyroscope while it cannot be reached
+    /// [default: 64].
+    #[arg(long, value_name = "N")]
+    pub push_queue: Option<usize>,
+
+    /// Address of the Prometheus metrics endpoint, or `off`
+    /// [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
+    /// Event-loop iterations at least this long are blocking episodes
+    /// [default: 50].
+    #[arg(long, value_name = "MS")]
+    pub block_threshold: Option<f64>,
+
+    /// Don't track event-loop iterations.
+    #[arg(long)]
+    pub no_event_loop: bool,
 }

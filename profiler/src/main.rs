@@ -3,6 +3,7 @@
 mod attach;
 mod cli;
 mod compare;
+mod daemon;
 mod diff;
 mod event_loop;
 mod mappings;
@@ -29,8 +30,13 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let quiet_level = match cli.command {
+        // A service logs its lifecycle.
+        Command::Daemon(_) => log::LevelFilter::Info,
+        _ => log::LevelFilter::Warn,
+    };
     let level = match cli.verbose {
-        0 => log::LevelFilter::Warn,
+        0 => quiet_level,
         1 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
         Command::Attach(args) => attach::run(args),
         Command::Diff(args) => diff::run_diff(&args),
         Command::Report(args) => diff::run_report(&args),
+        Command::Daemon(args) => daemon::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

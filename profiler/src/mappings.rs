@@ -44,6 +44,14 @@ impl Mapping {
         self.path == "[vdso]"
     }
 
+    /// Whether both map the same bytes of the same file at the same place.
+    fn same_range(&self, other: &Mapping) -> bool {
+        self.start == other.start
+            && self.end == other.end
+            && self.file_offset == other.file_offset
+            && self.inode == other.inode
+    }
+
     /// The last component of the path, for frames with no symbol.
     pub fn file_name(&self) -> &str {
         let path = self.path.trim_end_matches(" (deleted)");
@@ -124,12 +132,7 @@ impl AddressSpace {
         let known_before = self.mappings.len();
         let maps = fs::read_to_string(proc_path(self.pid, "maps"))?;
         for mut mapping in maps.lines().filter_map(parse_maps_line) {
-            let known = self.mappings.iter().any(|m| {
-                m.start == mapping.start
-                    && m.end == mapping.end
-                    && m.file_offset == mapping.file_offset
-                    && m.inode == mapping.inode
-            });
+            let known = self.mappings.iter().any(|m| m.same_range(&mapping));
             if known {
                 continue;
             }
@@ -143,6 +146,20 @@ impl AddressSpace {
             self.mappings.push(mapping);
         }
         Ok(self.mappings.len() > known_before)
+    }
+
+    /// Forgets mappings the process no longer has, and the files only they
+    /// held open, so that a long-running process's list stays the size of
+    /// its address space. Returns how many were forgotten.
+    pub fn forget_unmapped(&mut self) -> io::Result<usize> {
+        let maps = fs::read_to_string(proc_path(self.pid, "maps"))?;
+        let current: Vec<Mapping> = maps.lines().filter_map(parse_maps_line).collect();
+        let before = self.mappings.len();
+        self.mappings.retain(|m| {
+            current.iter().any(|c| c.same_range(m))
+        });
+        self.files.retain(|_, file| Arc::strong_count(file) > 1);
+        Ok(before - self.mappings.len())
     }
 
     fn open_file(&mut self, mapping: &Mapping) -> Option<Arc<File>> {

@@ -120,6 +120,50 @@ pub fn cpu_time_s(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / clock_ticks_per_s())
 }
 
+/// When the process started, in clock ticks after boot: with the pid, it
+/// tells a process from a later one that reuses the pid.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the name, state is field 3 and starttime field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The name of a process's main thread, from `/proc/PID/comm`.
+pub fn comm(pid: u32) -> Option<String> {
+    let comm = fs::read_to_string(proc_path(pid, "comm")).ok()?;
+    Some(comm.trim_end_matches('\n').to_owned())
+}
+
+/// The process's cgroup-v2 path, e.g. `/system.slice/api.service`.
+pub fn cgroup(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(proc_path(pid, "cgroup")).ok()?;
+    parse_cgroup(&text)
+}
+
+fn parse_cgroup(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = fs::read_to_string(proc_path(pid, "statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_size).unwrap_or(4096))
+}
+
+/// Pids of every process now running.
+pub fn all_pids() -> io::Result<Vec<u32>> {
+    Ok(fs::read_dir("/proc")?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -171,6 +215,24 @@ pub fn has_capability(cap: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_v2_path_is_the_unified_line() {
+        let text = "12:cpu:/legacy\n0::/system.slice/api.service\n";
+        assert_eq!(
+            parse_cgroup(text).as_deref(),
+            Some("/system.slice/api.service")
+        );
+        assert_eq!(parse_cgroup("3:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn own_start_time_and_rss_are_read() {
+        let pid = std::process::id();
+        assert!(start_ticks(pid).is_some_and(|t| t > 0));
+        assert!(rss_bytes(pid).is_some_and(|b| b > 1 << 20));
+        assert!(all_pids().unwrap().contains(&pid));
+    }
 
     #[test]
     fn state_is_read_after_a_name_with_parentheses() {

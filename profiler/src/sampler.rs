@@ -1,7 +1,7 @@
 //! Loads the eBPF program, attaches it to a `cpu-clock` event on every
 //! online CPU, and reads back what it aggregated in its maps.
 
-use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -32,6 +32,9 @@ use profiler_common::{
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+/// The two counts maps, by the slot value that selects them.
+const COUNTS_MAPS: [&str; 2] = ["COUNTS", "COUNTS_ALT"];
 
 /// What to sample.
 #[derive(Clone, Debug)]
@@ -80,6 +83,8 @@ pub struct RawProfile {
 pub struct Sampler {
     ebpf: Ebpf,
     links: Vec<PerfEventLinkId>,
+    /// Which of `COUNTS_MAPS` new samples go to.
+    counts_slot: u32,
     /// Present while event-loop tracking is on.
     loop_events: Option<RingBuf<MapData>>,
     unwind: UnwindState,
@@ -154,6 +159,7 @@ impl Sampler {
         Ok(Self {
             ebpf,
             links: Vec::new(),
+            counts_slot: 0,
             loop_events,
             unwind: UnwindState {
                 capacity: config.unwind_rows,
@@ -405,19 +411,73 @@ impl Sampler {
 
     /// Copies the counts, the stacks they reference and the thread names.
     pub fn collect(&self) -> anyhow::Result<RawProfile> {
-        let counts: HashMap<&MapData, SampleKey, u64> =
-            HashMap::try_from(self.ebpf.map("COUNTS").context("map COUNTS is missing")?)?;
+        let mut raw = RawProfile {
+            counts: self.read_counts(COUNTS_MAPS[self.counts_slot as usize])?,
+            ..RawProfile::default()
+        };
+        self.complete(&mut raw)?;
+        Ok(raw)
+    }
+
+    /// Sends new samples to the other counts map, and takes what the one
+    /// filled so far holds, leaving it empty: consecutive calls cut the
+    /// sample stream into intervals that neither overlap nor miss a sample.
+    pub fn take_counts(&mut self) -> anyhow::Result<RawProfile> {
+        let old = self.counts_slot;
+        let new = 1 - old;
+        {
+            let mut slot: Array<&mut MapData, u32> = Array::try_from(
+                self.ebpf
+                    .map_mut("COUNTS_SLOT")
+                    .context("map COUNTS_SLOT is missing")?,
+            )?;
+            slot.set(0, new, 0)?;
+        }
+        self.counts_slot = new;
+        // A program run that read the old slot just before the switch may
+        // still be counting into the old map; runs take microseconds.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+
+        let name = COUNTS_MAPS[old as usize];
+        let counts = self.read_counts(name)?;
+        let mut map: HashMap<&mut MapData, SampleKey, u64> = HashMap::try_from(
+            self.ebpf
+                .map_mut(name)
+                .with_context(|| format!("map {name} is missing"))?,
+        )?;
+        for (key, _) in &counts {
+            if let Err(err) = map.remove(key) {
+                debug!("cannot clear a count from {name}: {err}");
+            }
+        }
+        let mut raw = RawProfile {
+            counts,
+            ..RawProfile::default()
+        };
+        self.complete(&mut raw)?;
+        Ok(raw)
+    }
+
+    fn read_counts(&self, name: &str) -> anyhow::Result<Vec<(SampleKey, u64)>> {
+        let map: HashMap<&MapData, SampleKey, u64> = HashMap::try_from(
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("map {name} is missing"))?,
+        )?;
+        let mut counts = map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("cannot read the counts map")?;
+        counts.sort_unstable();
+        Ok(counts)
+    }
+
+    /// Adds the stacks the counts reference and the thread names.
+    fn complete(&self, raw: &mut RawProfile) -> anyhow::Result<()> {
         let stacks: HashMap<&MapData, u64, Stack> =
             HashMap::try_from(self.ebpf.map("STACKS").context("map STACKS is missing")?)?;
         let threads: HashMap<&MapData, u32, ThreadInfo> =
             HashMap::try_from(self.ebpf.map("THREADS").context("map THREADS is missing")?)?;
-
-        let mut raw = RawProfile::default();
-        for entry in counts.iter() {
-            let (key, count) = entry.context("cannot read the counts map")?;
-            raw.counts.push((key, count));
-        }
-        raw.counts.sort_unstable();
 
         for (key, count) in &raw.counts {
             for id in [key.user_stack_id, key.kernel_stack_id] {
@@ -442,7 +502,98 @@ impl Sampler {
             raw.threads
                 .insert(tid, (info.pid, comm_to_string(&info.comm)));
         }
-        Ok(raw)
+        Ok(())
+    }
+
+    /// Makes the target map hold exactly `pids`.
+    pub fn set_targets(&mut self, pids: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let mut targets: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut("TARGETS")
+                .context("map TARGETS is missing")?,
+        )?;
+        let current = targets
+            .keys()
+            .collect::<Result<BTreeSet<u32>, _>>()
+            .context("cannot read the target map")?;
+        for pid in current.difference(pids) {
+            targets.remove(pid)?;
+        }
+        for &pid in pids.difference(&current) {
+            targets
+                .insert(pid, 1, 0)
+                .with_context(|| format!("cannot add pid {pid} to the target map"))?;
+        }
+        Ok(())
+    }
+
+    /// Drops what the kernel side keeps for a process that has exited: its
+    /// unwind entry. Its binaries' rows stay, for the next process that maps
+    /// them.
+    pub fn forget_process(&mut self, pid: u32) -> anyhow::Result<()> {
+        if self.unwind.procs.remove(&pid).is_some() {
+            let mut procs: HashMap<&mut MapData, u32, ProcUnwind> = HashMap::try_from(
+                self.ebpf
+                    .map_mut("PROC_UNWIND")
+                    .context("map PROC_UNWIND is missing")?,
+            )?;
+            procs.remove(&pid)?;
+        }
+        Ok(())
+    }
+
+    /// Bounds the kernel maps of a long run: removes stacks that neither
+    /// `keep` nor the counts being filled now refer to, and the thread
+    /// entries of threads that have exited. Returns how many stacks were
+    /// removed.
+    pub fn prune(&mut self, keep: &HashSet<u64>) -> anyhow::Result<usize> {
+        let mut keep = keep.clone();
+        for (key, _) in self.read_counts(COUNTS_MAPS[self.counts_slot as usize])? {
+            keep.insert(key.user_stack_id);
+            keep.insert(key.kernel_stack_id);
+        }
+        let mut stacks: HashMap<&mut MapData, u64, Stack> =
+            HashMap::try_from(self.ebpf.map_mut("STACKS").context("map STACKS is missing")?)?;
+        let stale: Vec<u64> = stacks
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in &stale {
+            // A stack recorded again since it was listed is removed too; its
+            // sample then shows as a lost stack.
+            if let Err(err) = stacks.remove(id) {
+                debug!("cannot remove stack {id}: {err}");
+            }
+        }
+
+        let thread_alive = |tid: u32| std::path::Path::new(&format!("/proc/{tid}")).exists();
+        self.prune_threads::<ThreadInfo>("THREADS", thread_alive)?;
+        self.prune_threads::<LoopThread>("LOOP_THREADS", thread_alive)?;
+        Ok(stale.len())
+    }
+
+    fn prune_threads<V: aya::Pod>(
+        &mut self,
+        name: &str,
+        alive: impl Fn(u32) -> bool,
+    ) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, u32, V> = HashMap::try_from(
+            self.ebpf
+                .map_mut(name)
+                .with_context(|| format!("map {name} is missing"))?,
+        )?;
+        let gone: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|&tid| !alive(tid))
+            .collect();
+        for tid in gone {
+            if let Err(err) = map.remove(&tid) {
+                debug!("cannot remove thread {tid} from {name}: {err}");
+            }
+        }
+        Ok(())
     }
 }
 
