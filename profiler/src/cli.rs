@@ -27,7 +27,7 @@ pub enum Command {
     /// Sample continuously: one profile per process and interval, kept on
     /// disk with bounded retention, optionally pushed to Pyroscope, with
     /// Prometheus metrics.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
 }
 
 /// Output format of tables.
@@ -211,7 +211,12 @@ pub struct DaemonArgs {
     pub pyroscope_app: Option<String>,
 
     /// Bearer token for the Pyroscope server.
-    #[arg(long, env = "PROFILER_PYROSCOPE_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PROFILER_PYROSCOPE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub pyroscope_token: Option<String>,
 
     /// Basic-auth user for the Pyroscope server.

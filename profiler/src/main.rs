@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Command::Attach(args) => attach::run(args),
         Command::Diff(args) => diff::run_diff(&args),
         Command::Report(args) => diff::run_report(&args),
-        Command::Daemon(args) => daemon::run(args),
+        Command::Daemon(args) => daemon::run(*args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -155,9 +155,8 @@ impl AddressSpace {
         let maps = fs::read_to_string(proc_path(self.pid, "maps"))?;
         let current: Vec<Mapping> = maps.lines().filter_map(parse_maps_line).collect();
         let before = self.mappings.len();
-        self.mappings.retain(|m| {
-            current.iter().any(|c| c.same_range(m))
-        });
+        self.mappings
+            .retain(|m| current.iter().any(|c| c.same_range(m)));
         self.files.retain(|_, file| Arc::strong_count(file) > 1);
         Ok(before - self.mappings.len())
     }

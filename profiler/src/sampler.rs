@@ -101,6 +101,64 @@ struct UnwindState {
     files: StdHashMap<(u64, u64), Option<LoadedTable>>,
     /// What each process's entry holds now.
     procs: StdHashMap<u32, Vec<UnwindMapping>>,
+    /// Ranges of rows freed by binaries no process maps any more.
+    free: Vec<(u32, u32)>,
+}
+
+impl UnwindState {
+    /// Room for `len` rows: the first freed range that fits, else the end.
+    fn allocate(&mut self, len: u32) -> Option<u32> {
+        if let Some(i) = self.free.iter().position(|&(_, free)| free >= len) {
+            let (start, free) = self.free[i];
+            if free == len {
+                self.free.swap_remove(i);
+            } else {
+                self.free[i] = (start + len, free - len);
+            }
+            return Some(start);
+        }
+        let start = self.next_row;
+        if start.saturating_add(len) > self.capacity {
+            return None;
+        }
+        self.next_row = start + len;
+        Some(start)
+    }
+
+    /// Frees the rows of binaries that no process entry points at, so that
+    /// a long run over changing processes does not fill the array.
+    fn release_unused(&mut self) {
+        let used: std::collections::HashSet<u32> = self
+            .procs
+            .values()
+            .flatten()
+            .map(|m| m.rows_start)
+            .collect();
+        let free = &mut self.free;
+        self.files.retain(|_, table| match table {
+            Some(t) if !used.contains(&t.rows_start) => {
+                free.push((t.rows_start, t.rows_len));
+                false
+            }
+            _ => true,
+        });
+        // Merge neighbours, and give a range at the end back to the end.
+        self.free.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(self.free.len());
+        for &(start, len) in &self.free {
+            match merged.last_mut() {
+                Some((last, last_len)) if *last + *last_len == start => *last_len += len,
+                _ => merged.push((start, len)),
+            }
+        }
+        if let Some(&(start, len)) = merged.last()
+            && start + len == self.next_row
+        {
+            self.next_row = start;
+            merged.pop();
+        }
+        self.free = merged;
+    }
 }
 
 struct LoadedTable {
@@ -274,23 +332,28 @@ impl Sampler {
         let segments = unwind::segments(&data).ok()?;
         let rows = table.kernel_rows();
         let rows_len = u32::try_from(rows.len()).ok()?;
-        let rows_start = self.unwind.next_row;
-        if rows_start.saturating_add(rows_len) > self.unwind.capacity {
+        // Tables of binaries no process maps any more are kept, in case the
+        // next process maps them too, until their room is needed.
+        let allocated = self.unwind.allocate(rows_len).or_else(|| {
+            self.unwind.release_unused();
+            self.unwind.allocate(rows_len)
+        });
+        let Some(rows_start) = allocated else {
             warn!(
                 "the unwind-row array is full ({} rows); {} is walked by frame pointer. \
                  A larger --unwind-rows makes room",
                 self.unwind.capacity, mapping.path
             );
             return None;
-        }
+        };
         if let Err(err) = self.write_rows(rows_start, &rows) {
             warn!(
                 "cannot write unwind rows for {}: {err:#}; ignoring",
                 mapping.path
             );
+            self.unwind.free.push((rows_start, rows_len));
             return None;
         }
-        self.unwind.next_row = rows_start + rows_len;
         debug!("{}: {rows_len} unwind rows at {rows_start}", mapping.path);
         Some(LoadedTable {
             rows_start,
@@ -528,8 +591,7 @@ impl Sampler {
     }
 
     /// Drops what the kernel side keeps for a process that has exited: its
-    /// unwind entry. Its binaries' rows stay, for the next process that maps
-    /// them.
+    /// unwind entry. Its binaries' rows stay until their room is needed.
     pub fn forget_process(&mut self, pid: u32) -> anyhow::Result<()> {
         if self.unwind.procs.remove(&pid).is_some() {
             let mut procs: HashMap<&mut MapData, u32, ProcUnwind> = HashMap::try_from(
@@ -552,8 +614,11 @@ impl Sampler {
             keep.insert(key.user_stack_id);
             keep.insert(key.kernel_stack_id);
         }
-        let mut stacks: HashMap<&mut MapData, u64, Stack> =
-            HashMap::try_from(self.ebpf.map_mut("STACKS").context("map STACKS is missing")?)?;
+        let mut stacks: HashMap<&mut MapData, u64, Stack> = HashMap::try_from(
+            self.ebpf
+                .map_mut("STACKS")
+                .context("map STACKS is missing")?,
+        )?;
         let stale: Vec<u64> = stacks
             .keys()
             .filter_map(Result::ok)
@@ -717,6 +782,46 @@ fn explain_bpf_error(err: anyhow::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table(rows_start: u32, rows_len: u32) -> Option<LoadedTable> {
+        Some(LoadedTable {
+            rows_start,
+            rows_len,
+            segments: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn rows_of_unmapped_binaries_are_reused_once_room_runs_out() {
+        let mut state = UnwindState {
+            capacity: 100,
+            ..UnwindState::default()
+        };
+        let a = state.allocate(40).unwrap();
+        let b = state.allocate(30).unwrap();
+        let c = state.allocate(20).unwrap();
+        assert_eq!((a, b, c), (0, 40, 70));
+        state.files.insert((1, 1), table(a, 40));
+        state.files.insert((1, 2), table(b, 30));
+        state.files.insert((1, 3), table(c, 20));
+        let mapping = |rows_start| UnwindMapping {
+            rows_start,
+            ..UnwindMapping::default()
+        };
+        // Only the middle binary is still mapped.
+        state.procs.insert(7, vec![mapping(b)]);
+        assert_eq!(state.allocate(50), None);
+
+        state.release_unused();
+
+        assert_eq!(state.files.len(), 1);
+        // The end range went back to the end; the first is reusable.
+        assert_eq!(state.next_row, 70);
+        assert_eq!(state.allocate(35), Some(0));
+        assert_eq!(state.allocate(30), Some(70));
+        assert_eq!(state.allocate(6), None);
+        assert_eq!(state.allocate(5), Some(35));
+    }
 
     #[test]
     fn comm_stops_at_the_first_nul() {

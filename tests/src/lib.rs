@@ -236,3 +236,144 @@ pub fn parse_svg(svg: &str) -> roxmltree::Document<'_> {
     };
     roxmltree::Document::parse_with_options(svg, options).expect("the SVG parses as XML")
 }
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+/// `GET http://127.0.0.1:PORT/PATH`: the status code and body, or `None`
+/// when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A cgroup-v2 group made for one test, removed at the end. Processes are
+/// started inside it from their first instruction.
+pub struct Cgroup {
+    dir: PathBuf,
+    /// The group's path as processes see it in `/proc/PID/cgroup`.
+    pub path: String,
+}
+
+impl Cgroup {
+    /// Makes the group, or `None` (with the reason printed) where cgroup v2
+    /// is not mounted writable.
+    pub fn create(name: &str) -> Option<Self> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mount = mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        });
+        let Some(mount) = mount else {
+            eprintln!("no cgroup2 mount; cgroup selection is not tested");
+            return None;
+        };
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let base = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+        let path = format!(
+            "{}/{name}-{}",
+            base.trim_end_matches('/'),
+            std::process::id()
+        );
+        let dir = mount.join(path.trim_start_matches('/'));
+        match fs::create_dir(&dir) {
+            Ok(()) => Some(Self { dir, path }),
+            Err(err) => {
+                eprintln!(
+                    "cannot create {}: {err}; cgroup selection is not tested",
+                    dir.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// A command that joins this group, then runs `program` with `args`.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > '{}' && exec \"$0\" \"$@\"",
+                self.dir.join("cgroup.procs").display()
+            ))
+            .arg(program)
+            .args(args);
+        cmd
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Emptied by the tests' own process guards, which drop first.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill has no memory preconditions.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Resident memory of a process in KiB, from `/proc/PID/status`.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

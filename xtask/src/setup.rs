@@ -81,8 +81,8 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-/// What the integration tests run: a C compiler for the native fixtures
-/// and node for the JavaScript ones.
+/// What the integration tests run: a C compiler for the native fixtures,
+/// node for the JavaScript ones, and Prometheus for the daemon's metrics.
 pub fn test_tools() -> anyhow::Result<()> {
     let mut missing = Vec::new();
     if !has_working("gcc", &["--version"]) {
@@ -93,6 +93,10 @@ pub fn test_tools() -> anyhow::Result<()> {
     }
     if !has_working("setpriv", &["--version"]) {
         missing.push("util-linux");
+    }
+    // The daemon's metrics are scraped by a real Prometheus server.
+    if !has_working("prometheus", &["--version"]) {
+        missing.push("prometheus");
     }
     debian_packages(&missing)?;
     python_packages(&[

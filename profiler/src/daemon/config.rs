@@ -203,11 +203,17 @@ fn read_file(path: &Path) -> anyhow::Result<File> {
 }
 
 fn resolve(file: File, args: &DaemonArgs) -> anyhow::Result<Config> {
-    let flags_select = args.host || !args.pids.is_empty() || args.name.is_some() || args.cgroup.is_some();
+    let flags_select =
+        args.host || !args.pids.is_empty() || args.name.is_some() || args.cgroup.is_some();
     // Selection from the flags replaces the file's as a whole: mixing
     // "pid from the command line, name from the file" would surprise.
     let (host, pids, name, cgroup) = if flags_select {
-        (args.host, args.pids.clone(), args.name.clone(), args.cgroup.clone())
+        (
+            args.host,
+            args.pids.clone(),
+            args.name.clone(),
+            args.cgroup.clone(),
+        )
     } else {
         let s = file.select;
         (s.host, s.pids, s.name, s.cgroup)
@@ -296,7 +302,10 @@ fn resolve(file: File, args: &DaemonArgs) -> anyhow::Result<Config> {
     })
 }
 
-fn resolve_push(file: Option<FilePyroscope>, args: &DaemonArgs) -> anyhow::Result<Option<PushConfig>> {
+fn resolve_push(
+    file: Option<FilePyroscope>,
+    args: &DaemonArgs,
+) -> anyhow::Result<Option<PushConfig>> {
     let file = file.unwrap_or_default();
     let Some(url) = args.pyroscope_url.clone().or(file.url) else {
         return Ok(None);
@@ -352,6 +361,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_file_is_valid() {
+        let text = include_str!("../../../dist/daemon.toml");
+        let config = parse(text, &DaemonArgs::default()).unwrap();
+        assert_eq!(config.output, PathBuf::from("/var/lib/profiler"));
+        assert!(config.selector.matches(1, "node", None));
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let text = "frequency_hz = 49\ninterval_s = 30\n[select]\nname = 'x'\n\
                     [metrics]\nlisten = 'off'\n";
@@ -371,8 +388,11 @@ mod tests {
 
     #[test]
     fn cgroup_selects_the_subtree_only() {
-        let config = parse("[select]\ncgroup = '/system.slice/api'\n", &DaemonArgs::default())
-            .unwrap();
+        let config = parse(
+            "[select]\ncgroup = '/system.slice/api'\n",
+            &DaemonArgs::default(),
+        )
+        .unwrap();
         let s = &config.selector;
         assert!(s.matches(1, "node", Some("/system.slice/api")));
         assert!(s.matches(1, "node", Some("/system.slice/api/worker")));
@@ -387,10 +407,14 @@ mod tests {
         assert!(err("").contains("choose what to sample"));
         assert!(err("[select]\nname = '('\n").contains("bad process-name regex"));
         assert!(err("[select]\nhost = true\npids = [1]\n").contains("cannot be combined"));
-        assert!(err("[select]\nhost = true\n[metrics]\nlisten = 'nope'\n")
-            .contains("bad metrics address"));
-        assert!(err("[select]\nhost = true\n[pyroscope]\nurl = 'pyro:4040'\n")
-            .contains("must start with http"));
+        assert!(
+            err("[select]\nhost = true\n[metrics]\nlisten = 'nope'\n")
+                .contains("bad metrics address")
+        );
+        assert!(
+            err("[select]\nhost = true\n[pyroscope]\nurl = 'pyro:4040'\n")
+                .contains("must start with http")
+        );
         assert!(err("interval_s = 0.5\n[select]\nhost = true\n").contains("at least 1 second"));
         let unknown = toml::from_str::<File>("frequncy_hz = 3\n").unwrap_err();
         assert!(unknown.to_string().contains("unknown field"), "{unknown}");

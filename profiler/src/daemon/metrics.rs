@@ -88,7 +88,9 @@ impl Metrics {
 /// Binds the endpoint; an address in use is an error at start-up.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|err| {
-        anyhow::anyhow!("cannot serve metrics on {addr}: {err}; choose another --metrics-addr or `off`")
+        anyhow::anyhow!(
+            "cannot serve metrics on {addr}: {err}; choose another --metrics-addr or `off`"
+        )
     })
 }
 
@@ -350,9 +352,15 @@ fn write_histogram(out: &mut String, thread: &str, buckets: &[u64]) {
         }
     }
     for (bound, n) in LOOP_BOUNDS_S.iter().zip(&cumulative) {
-        let _ = writeln!(out, "{name}_bucket{{thread=\"{thread}\",le=\"{bound}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{thread=\"{thread}\",le=\"{bound}\"}} {n}"
+        );
     }
-    let _ = writeln!(out, "{name}_bucket{{thread=\"{thread}\",le=\"+Inf\"}} {count}");
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{thread=\"{thread}\",le=\"+Inf\"}} {count}"
+    );
     let _ = writeln!(out, "{name}_sum{{thread=\"{thread}\"}} {sum_s}");
     let _ = writeln!(out, "{name}_count{{thread=\"{thread}\"}} {count}");
 }
@@ -383,12 +391,17 @@ mod tests {
 
         let text = render(&s);
 
-        assert!(text.contains(
-            "profiler_samples_total{service=\"node-42\",name=\"node\",pid=\"42\",\
+        assert!(
+            text.contains(
+                "profiler_samples_total{service=\"node-42\",name=\"node\",pid=\"42\",\
              cgroup=\"/a\\\"b\"} 57\n"
-        ), "{text}");
+            ),
+            "{text}"
+        );
         let main = |le: &str| {
-            let key = format!("profiler_event_loop_iteration_seconds_bucket{{thread=\"main\",le=\"{le}\"}} ");
+            let key = format!(
+                "profiler_event_loop_iteration_seconds_bucket{{thread=\"main\",le=\"{le}\"}} "
+            );
             text.lines()
                 .find_map(|l| l.strip_prefix(&key))
                 .unwrap()

@@ -14,7 +14,7 @@ mod push;
 mod store;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet, btree_map::Entry},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -31,7 +31,7 @@ use self::{
     config::{Config, PushConfig},
     metrics::Metrics,
     push::{Queue, Upload},
-    store::{Entry, Interval, Store},
+    store::{Interval, Store},
 };
 use crate::{
     attach,
@@ -225,10 +225,7 @@ impl Daemon {
             let Some(name) = procfs::comm(pid) else {
                 continue;
             };
-            let cgroup = selector
-                .cgroup
-                .as_ref()
-                .and_then(|_| procfs::cgroup(pid));
+            let cgroup = selector.cgroup.as_ref().and_then(|_| procfs::cgroup(pid));
             if !selector.matches(pid, &name, cgroup.as_deref()) {
                 continue;
             }
@@ -327,19 +324,17 @@ impl Daemon {
             if pid == self.own_pid {
                 continue;
             }
-            if !self.processes.contains_key(&pid) {
+            let process = match self.processes.entry(pid) {
+                Entry::Occupied(known) => known.into_mut(),
                 // Seen in samples before the scan found it, or host mode.
-                match Process::new(pid) {
-                    Some(process) => {
-                        self.processes.insert(pid, process);
-                    }
+                Entry::Vacant(new) => match Process::new(pid) {
+                    Some(process) => new.insert(process),
                     None => {
                         debug!("pid {pid} left before its samples could be named; skipped");
                         continue;
                     }
-                }
-            }
-            let process = self.processes.get_mut(&pid).expect("inserted above");
+                },
+            };
             if !process.retired {
                 refresh(process, &mut self.sampler);
             }
@@ -436,7 +431,7 @@ impl Daemon {
             return;
         }
 
-        let entry = Entry {
+        let entry = store::Entry {
             service: process.service.clone(),
             name: process.info.comm.clone(),
             pid,
@@ -465,7 +460,9 @@ impl Daemon {
             Err(err) => {
                 self.metrics.update(|s| s.write_errors += 1);
                 if !self.write_failing {
-                    warn!("{err:#}; sampling goes on, and profiles are written again once there is room");
+                    warn!(
+                        "{err:#}; sampling goes on, and profiles are written again once there is room"
+                    );
                     self.write_failing = true;
                 }
             }
@@ -576,7 +573,9 @@ impl Daemon {
                     }
                 }
                 Err(err) => {
-                    warn!("cannot load the eBPF program for the new configuration ({err:#}); keeping the running one");
+                    warn!(
+                        "cannot load the eBPF program for the new configuration ({err:#}); keeping the running one"
+                    );
                     return;
                 }
             }
@@ -689,7 +688,8 @@ fn raise_open_file_limit() {
     };
     // SAFETY: getrlimit and setrlimit only read and write the struct given.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
                 debug!("open-file limit raised to {}", limit.rlim_max);
@@ -707,7 +707,10 @@ mod tests {
         let at = |s: u64, ms: u64| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms);
         let minute = Duration::from_secs(60);
         assert_eq!(time_to_next_cut(at(120, 0), minute), minute);
-        assert_eq!(time_to_next_cut(at(150, 500), minute), Duration::from_millis(29_500));
+        assert_eq!(
+            time_to_next_cut(at(150, 500), minute),
+            Duration::from_millis(29_500)
+        );
         let ten = Duration::from_secs(10);
         assert_eq!(time_to_next_cut(at(1009, 0), ten), Duration::from_secs(1));
     }

@@ -65,7 +65,8 @@ impl Queue {
             warn!(
                 "the Pyroscope queue is full ({capacity} profiles); dropped the profile of {} \
                  from {}",
-                dropped.app_name, dropped.from_unix_s
+                dropped.app_name,
+                crate::event_loop::rfc3339(dropped.from_unix_s as f64)
             );
         }
         items.push_back(upload);
@@ -194,7 +195,13 @@ fn ingest_url(config: &PushConfig, upload: &Upload) -> String {
 /// Label keys and values may not hold the characters that delimit them.
 fn label_part(text: &str) -> String {
     text.chars()
-        .map(|c| if matches!(c, '{' | '}' | ',' | '=' | '"') { '_' } else { c })
+        .map(|c| {
+            if matches!(c, '{' | '}' | ',' | '=' | '"') {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -242,7 +249,8 @@ fn send(config: &PushConfig, upload: &Upload) -> Outcome {
         Auth::None => {}
         Auth::Bearer(token) => request = request.header("Authorization", format!("Bearer {token}")),
         Auth::Basic { user, password } => {
-            let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
             request = request.header("Authorization", format!("Basic {encoded}"));
         }
     }

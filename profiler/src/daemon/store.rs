@@ -69,7 +69,11 @@ impl Store {
                 }
             },
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(err) => return Err(anyhow::Error::new(err).context(format!("cannot read {}", index.display()))),
+            Err(err) => {
+                return Err(
+                    anyhow::Error::new(err).context(format!("cannot read {}", index.display()))
+                );
+            }
         };
         let mut store = Self {
             dir: dir.to_owned(),
@@ -161,7 +165,10 @@ impl Store {
             // Only succeeds on a folder left empty.
             let _ = fs::remove_dir(folder);
         }
-        debug!("retention removed {} files ({dropped} listed intervals)", removed.len());
+        debug!(
+            "retention removed {} files ({dropped} listed intervals)",
+            removed.len()
+        );
         dropped
     }
 
@@ -303,7 +310,10 @@ mod tests {
         let files: Vec<&str> = again.entries().iter().map(|e| e.folded.as_str()).collect();
         assert_eq!(
             files,
-            ["node-1/20251203T184500Z.folded", "node-1/20251203T184500Z-1.folded"]
+            [
+                "node-1/20251203T184500Z.folded",
+                "node-1/20251203T184500Z-1.folded"
+            ]
         );
         let text = fs::read_to_string(dir.path().join(files[0])).unwrap();
         assert_eq!(text, "main;work 3\n");
@@ -349,7 +359,11 @@ mod tests {
         let aside = fs::read_dir(dir.path())
             .unwrap()
             .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().starts_with("index.json.unreadable-"));
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("index.json.unreadable-")
+            });
         assert!(aside);
     }
 
