@@ -40,6 +40,28 @@ impl Daemon {
         Self { child, log }
     }
 
+    /// A daemon sampling `cgroup`, with `interval_s` intervals, metrics on
+    /// `metrics_port`, and more flags.
+    fn on_cgroup(
+        dir: &Path,
+        cgroup: &Cgroup,
+        interval_s: &str,
+        metrics_port: u16,
+        more: &[&str],
+    ) -> Self {
+        let metrics_addr = format!("127.0.0.1:{metrics_port}");
+        let mut args = vec![
+            "--cgroup",
+            &cgroup.path,
+            "--interval",
+            interval_s,
+            "--metrics-addr",
+            &metrics_addr,
+        ];
+        args.extend_from_slice(more);
+        Self::start(dir, &args)
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -137,6 +159,13 @@ fn metric(port: u16, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// Waits until a metric reaches `at_least`.
+fn wait_for_metric(port: u16, name: &str, at_least: f64, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        metric(port, name).is_some_and(|n| n >= at_least)
+    })
+}
+
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -158,18 +187,7 @@ fn churn_gives_every_process_its_intervals_and_memory_stays_flat() {
     };
     let dir = scratch("daemon-churn");
     let port = free_port();
-    let metrics_addr = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start(
-        &dir,
-        &[
-            "--cgroup",
-            &cgroup.path,
-            "--interval",
-            "10",
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-    );
+    let mut daemon = Daemon::on_cgroup(&dir, &cgroup, "10", port, &[]);
     let started = Instant::now();
     let at = |s: u64| started + Duration::from_secs(s);
     let sleep_until = |t: Instant| thread::sleep(t.saturating_duration_since(Instant::now()));
@@ -335,17 +353,7 @@ fn prometheus_scrapes_the_sample_counter() {
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _node = hot_node(&cgroup);
-    let mut daemon = Daemon::start(
-        &dir,
-        &[
-            "--cgroup",
-            &cgroup.path,
-            "--interval",
-            "3",
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-    );
+    let mut daemon = Daemon::on_cgroup(&dir, &cgroup, "3", metrics_port, &[]);
 
     let config = dir.join("prometheus.yml");
     fs::write(
@@ -458,26 +466,17 @@ fn pushes_survive_a_receiver_outage_within_the_queue_bound() {
     let out = dir.join("received.jsonl");
     let (push_port, metrics_port) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{push_port}");
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let node = hot_node(&cgroup);
     let pid = node.pid();
-    let mut daemon = Daemon::start(
-        &dir,
-        &[
-            "--cgroup",
-            &cgroup.path,
-            "--interval",
-            "2",
-            "--push-queue",
-            "3",
-            "--pyroscope-url",
-            &url,
-            "--pyroscope-token",
-            "s3cret",
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-    );
+    let push = [
+        "--push-queue",
+        "3",
+        "--pyroscope-url",
+        &url,
+        "--pyroscope-token",
+        "s3cret",
+    ];
+    let mut daemon = Daemon::on_cgroup(&dir, &cgroup, "2", metrics_port, &push);
 
     // The receiver is down for about six intervals: more than the queue
     // holds, so the oldest are dropped, and counted.
@@ -591,28 +590,17 @@ fn wrong_token_is_rejected_and_counted() {
     let (push_port, metrics_port) = (free_port(), free_port());
     let _receiver = receiver(push_port, &out, "right");
     let _node = hot_node(&cgroup);
-    let mut daemon = Daemon::start(
-        &dir,
-        &[
-            "--cgroup",
-            &cgroup.path,
-            "--interval",
-            "2",
-            "--pyroscope-url",
-            &format!("http://127.0.0.1:{push_port}"),
-            "--pyroscope-token",
-            "wrong",
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-        ],
-    );
+    let url = format!("http://127.0.0.1:{push_port}");
+    let push = ["--pyroscope-url", &url, "--pyroscope-token", "wrong"];
+    let mut daemon = Daemon::on_cgroup(&dir, &cgroup, "2", metrics_port, &push);
 
     assert!(
-        wait_until(Duration::from_secs(20), || metric(
+        wait_for_metric(
             metrics_port,
-            "profiler_push_dropped_total"
-        )
-        .is_some_and(|n| n >= 1.0)),
+            "profiler_push_dropped_total",
+            1.0,
+            Duration::from_secs(20)
+        ),
         "rejections were not counted:\n{}",
         daemon.log()
     );
@@ -712,24 +700,15 @@ fn full_disk_is_logged_and_sampling_goes_on() {
     let _unmount = Unmount(profiles.clone());
     let metrics_port = free_port();
     let _node = hot_node(&cgroup);
-    let mut daemon = Daemon::start(
-        &dir,
-        &[
-            "--cgroup",
-            &cgroup.path,
-            "--interval",
-            "1",
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-        ],
-    );
+    let mut daemon = Daemon::on_cgroup(&dir, &cgroup, "1", metrics_port, &[]);
 
     assert!(
-        wait_until(Duration::from_secs(40), || metric(
+        wait_for_metric(
             metrics_port,
-            "profiler_write_errors_total"
-        )
-        .is_some_and(|n| n >= 2.0)),
+            "profiler_write_errors_total",
+            2.0,
+            Duration::from_secs(40)
+        ),
         "the disk never filled:\n{}",
         daemon.log()
     );
