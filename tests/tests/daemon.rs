@@ -784,6 +784,11 @@ fn bad_selection_and_busy_metrics_port_are_refused_at_start() {
     if !can_profile("bad_selection_and_busy_metrics_port_are_refused_at_start") {
         return;
     }
+    let gone = run(&["--pid", "999999999", "--metrics-addr", "off"]);
+    assert!(!gone.status.success());
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(stderr.contains("no process with pid 999999999"), "{stderr}");
+
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let taken = run(&[

@@ -151,6 +151,7 @@ impl Daemon {
         };
         daemon.set_push(daemon.config.push.clone());
         daemon.scan();
+        daemon.check_first_scan()?;
         daemon.sampler.attach(daemon.config.frequency_hz)?;
         daemon.interval_start = SystemTime::now();
         info!(
@@ -260,6 +261,29 @@ impl Daemon {
                 warn!("cannot update the target map: {err:#}");
             }
         }
+    }
+
+    /// Named pids that do not exist are a mistake when nothing else could
+    /// match; a selection that matches nothing yet waits for processes.
+    fn check_first_scan(&self) -> anyhow::Result<()> {
+        let selector = &self.config.selector;
+        let missing: Vec<String> = selector
+            .pids
+            .iter()
+            .filter(|pid| !self.processes.contains_key(pid))
+            .map(u32::to_string)
+            .collect();
+        let only_pids = selector.name.is_none() && selector.cgroup.is_none();
+        if !missing.is_empty() && only_pids {
+            let list = missing.join(", ");
+            if self.processes.is_empty() {
+                anyhow::bail!("no process with pid {list}");
+            }
+            warn!("no process with pid {list}; sampling the others");
+        } else if self.processes.is_empty() && !selector.host {
+            info!("no process matches yet; waiting for one");
+        }
+        Ok(())
     }
 
     fn count_episodes(&mut self) {
