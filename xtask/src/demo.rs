@@ -167,6 +167,7 @@ impl Api {
             .spawn()
             .context("cannot start node")?;
         let pid = child.id();
+        crate::bench::cleanup::track(pid);
         let stdout = child.stdout.take().context("no stdout")?;
         // Owned from here, so that a failed start stops it too.
         let api = Self { child, pid };
@@ -199,12 +200,14 @@ impl Api {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                crate::bench::cleanup::untrack(self.pid);
                 return;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        crate::bench::cleanup::untrack(self.pid);
     }
 }
 

@@ -11,6 +11,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use super::cleanup;
+
 /// A running child process, killed on drop unless it was reaped.
 pub struct Owned {
     child: Child,
@@ -32,6 +34,7 @@ impl Owned {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+        cleanup::track(child.id());
         Ok(Self {
             child,
             name: name.to_owned(),
@@ -106,6 +109,7 @@ impl Owned {
             return Ok(None);
         }
         self.reaped = true;
+        cleanup::untrack(self.pid());
         let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
         Ok(Some(Exit {
             status: ExitStatus::from_raw(status),

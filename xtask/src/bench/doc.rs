@@ -768,7 +768,8 @@ fn render_method(md: &mut String, figures: &Value) -> anyhow::Result<()> {
          graph, called from the bench as the inferno library (one thread, the same code \
          as the `inferno-collapse-perf` and `inferno-flamegraph` commands). \
          `--no-inline` is perf script's fastest path: by default it starts `addr2line` \
-         for inlined functions, which took 20 to 30 s per profile on this machine. perf \
+         for inlined functions, which took 20 to 30 s for a 5-second DWARF profile of the \
+         API on this machine. perf \
          names JIT frames from V8's `/tmp/perf-PID.map`."
     )?;
     writeln!(

@@ -7,6 +7,8 @@ use std::{collections::HashMap, fs};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use super::cleanup;
+
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 /// CPU time of a process, all its threads, to the nanosecond: the run time
@@ -151,6 +153,7 @@ impl BpfStats {
     pub fn enable() -> anyhow::Result<Self> {
         let was = fs::read_to_string(BPF_STATS).ok();
         if was.as_deref().map(str::trim) != Some("1") {
+            cleanup::restore_bpf_stats_to(Some(false));
             fs::write(BPF_STATS, "1").context("cannot enable kernel.bpf_stats_enabled")?;
         }
         Ok(Self { was })
@@ -162,6 +165,7 @@ impl Drop for BpfStats {
         if let Some(was) = &self.was {
             let _ = fs::write(BPF_STATS, was.trim());
         }
+        cleanup::restore_bpf_stats_to(None);
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod accuracy;
 mod child;
+pub mod cleanup;
 mod doc;
 mod measure;
 mod overhead;
@@ -44,6 +45,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         bail!("the bench loads BPF programs and runs perf on other processes: run it as root");
     }
 
+    cleanup::install();
     let started = Instant::now();
     let load_at_start = load_average();
     let out = root().join("target/bench");
@@ -60,8 +62,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     } else {
         overhead::Settings {
-            rounds: 3,
-            requests: 600,
+            rounds: 5,
+            requests: 500,
             warmup_requests: 300,
         }
     };

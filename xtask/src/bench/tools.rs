@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::{
     child::Owned,
+    cleanup,
     measure::{self, BpfRuns, round},
     stacks::{self, Stacks},
 };
@@ -249,6 +250,7 @@ impl Mounts {
         };
         if rc == 0 {
             println!("  mounted {fstype} on {target} for the run");
+            cleanup::set_mounted(&dir, true);
             self.0.push(target.to_owned());
         }
     }
@@ -262,6 +264,7 @@ impl Drop for Mounts {
             };
             // SAFETY: `dir` is NUL-terminated and lives across the call.
             unsafe { libc::umount(dir.as_ptr()) };
+            cleanup::set_mounted(&dir, false);
         }
     }
 }
@@ -538,7 +541,8 @@ impl Recording {
 
     /// `perf script`, then inferno's collapse-perf, then inferno's flame
     /// graph. `--no-inline` keeps perf script from starting addr2line for
-    /// inlined functions, which took 20 to 30 s per profile here.
+    /// inlined functions, which took 20 to 30 s for a DWARF profile of the
+    /// API here.
     fn perf_to_flame_graph(&self) -> anyhow::Result<PostProcess> {
         let script_path = self.dir.join("perf-script.txt");
         let mut cmd = Command::new("perf");
