@@ -167,6 +167,7 @@ pub fn split(rounds: usize, available: &Available, out: &Path) -> anyhow::Result
                 "key": tool.key(),
                 "label": tool.label(),
                 "hot_three_percent": spread_json(&shares),
+                "hot_three_percent_by_round": shares.iter().map(|s| round(*s, 2)).collect::<Vec<_>>(),
                 "deviation_points": spread_json(&deviations),
                 "samples": spread_json(&samples.remove(&tool.key()).unwrap_or_default()),
                 "errors": errors.remove(&tool.key()).unwrap_or_default(),

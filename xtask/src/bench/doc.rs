@@ -101,11 +101,14 @@ pub fn goals(figures: &Value) -> Value {
             Some(ratio) => {
                 let loss = (1.0 - ratio.median) * 100.0;
                 let measured = format!(
-                    "median loss {loss:.1}% ({:+.1}% to {:+.1}% over the rounds); a run \
-                     without a profiler strays from its neighbours by {typical:.1}% \
-                     typically, {worst:.1}% at most",
-                    (1.0 - ratio.max) * 100.0,
-                    (1.0 - ratio.min) * 100.0
+                    "median throughput ratio {:.3} ({:.3}–{:.3} over the rounds), a {} of \
+                     {:.1}%; a run without a profiler strays from its neighbours by \
+                     {typical:.1}% typically, {worst:.1}% at most",
+                    ratio.median,
+                    ratio.min,
+                    ratio.max,
+                    if loss >= 0.0 { "loss" } else { "gain" },
+                    loss.abs()
                 );
                 let estimate = bpf_share
                     .map(|share| {
@@ -136,9 +139,10 @@ pub fn goals(figures: &Value) -> Value {
                 Goal {
                     goal,
                     figure: format!(
-                        "{loss:.1}% loss{}",
+                        "throughput ratio {:.3}{}",
+                        ratio.median,
                         bpf_share
-                            .map(|s| format!("; BPF {s:.2}% of server CPU"))
+                            .map(|s| format!("; BPF programs {s:.2}% of the server's CPU"))
                             .unwrap_or_default()
                     ),
                     verdict,
@@ -527,6 +531,43 @@ fn render_overhead(md: &mut String, overhead: &Value, rounds: u64) -> anyhow::Re
         writeln!(md, "\nFailed runs:\n\n{}", errors.join("\n"))?;
     }
 
+    let bpf = |key: &str, figure: &str| {
+        overhead["configs"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["key"] == key))
+            .map(|c| cell(&c["profiler"][figure], 2, "%"))
+            .unwrap_or_else(|| "–".to_owned())
+    };
+    let per_run_us = |key: &str| {
+        overhead["configs"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["key"] == key))
+            .and_then(|c| median(&c["profiler"]["bpf_ns_per_sample"]))
+            .map_or("–".to_owned(), |ns| format!("{:.1} µs", ns / 1e3))
+    };
+    let (ours_99, ours_999) = (key(Kind::Ours, 99), key(Kind::Ours, 999));
+    let bpftrace_99 = key(Kind::Bpftrace, 99);
+    writeln!(
+        md,
+        "\nThroughput cannot show costs this small here, so the BPF programs were timed \
+         directly (kernel BPF statistics). They run in the context of what they interrupt \
+         or trace, mostly the server, and took this share of the server's CPU time: this \
+         profiler {} at 99 Hz and {} at 999 Hz (its event-loop tracking programs \
+         included; {} without them), bpftrace {}. One run of the sampling program took \
+         {} for this profiler at 99 Hz (a walk by unwind tables; the runs on the other \
+         CPU, where the server is not running, return at once and count in the mean) and \
+         {} for bpftrace's.",
+        bpf(&ours_99, "bpf_share_of_server_cpu_percent"),
+        bpf(&ours_999, "bpf_share_of_server_cpu_percent"),
+        bpf(
+            &key(Kind::OursNoLoop, 99),
+            "bpf_share_of_server_cpu_percent"
+        ),
+        bpf(&bpftrace_99, "bpf_share_of_server_cpu_percent"),
+        per_run_us(&ours_99),
+        per_run_us(&bpftrace_99),
+    )?;
+
     writeln!(md, "\nColumns:\n")?;
     writeln!(
         md,
@@ -590,6 +631,16 @@ fn render_accuracy(md: &mut String, accuracy: &Value) -> anyhow::Result<()> {
             cell(&tool["samples"], 0, ""),
         )?;
     }
+
+    writeln!(
+        md,
+        "\nThe profilers in one round sample the same seconds and move together from round \
+         to round, so part of the range is the fixture's own split over those seconds, not \
+         error of the profilers: other processes competing for the CPU, or a fixed sampling \
+         period falling into step with the fixture's loop for a while. The goal is held \
+         against the median. (They stop one after the other, so the last ones sample a \
+         little longer.)"
+    )?;
 
     let node = &accuracy["node"];
     let reference = node["cpu_prof_reference"]
