@@ -5,6 +5,7 @@
 //! report to `target/demo/`.
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader},
@@ -96,7 +97,7 @@ struct Run {
 fn profile_variant(root: &Path, example: &Path, out: &Path, variant: &str) -> anyhow::Result<Run> {
     step(&format!("starting the {variant} API"));
     let port = free_port()?;
-    let mut api = Api::start(example, variant, port)?;
+    let mut api = Api::start(example, variant, port, &[])?;
     let dir = out.join(variant);
 
     step(&format!(
@@ -138,18 +139,26 @@ fn profile_variant(root: &Path, example: &Path, out: &Path, variant: &str) -> an
 }
 
 /// The example API, stopped on drop.
-struct Api {
+pub struct Api {
     child: Child,
-    pid: u32,
+    pub pid: u32,
 }
 
 impl Api {
-    fn start(example: &Path, variant: &str, port: u16) -> anyhow::Result<Self> {
+    /// Starts the API and waits until it listens; `node_args` go to node
+    /// before the script.
+    pub fn start(
+        example: &Path,
+        variant: &str,
+        port: u16,
+        node_args: &[&OsStr],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new("node")
             .args([
                 "--perf-basic-prof-only-functions",
                 "--interpreted-frames-native-stack",
             ])
+            .args(node_args)
             .arg("server.js")
             .current_dir(example)
             .env("PORT", port.to_string())
@@ -158,7 +167,10 @@ impl Api {
             .spawn()
             .context("cannot start node")?;
         let pid = child.id();
+        crate::bench::cleanup::track(pid);
         let stdout = child.stdout.take().context("no stdout")?;
+        // Owned from here, so that a failed start stops it too.
+        let api = Self { child, pid };
         let mut lines = BufReader::new(stdout).lines();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -176,22 +188,26 @@ impl Api {
         }
         // Keep draining its output so that it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Ok(Self { child, pid })
+        Ok(api)
     }
 
-    fn stop(&mut self) {
+    /// SIGTERM, which the API answers by closing and exiting; killed if
+    /// it has not exited after 5 s.
+    pub fn stop(&mut self) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our
         // unreaped child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                crate::bench::cleanup::untrack(self.pid);
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        crate::bench::cleanup::untrack(self.pid);
     }
 }
 
@@ -203,7 +219,7 @@ impl Drop for Api {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

@@ -32,15 +32,17 @@ enum Task {
     /// profile the baseline and the fixed variant under load and write the
     /// flame graphs, a differential flame graph and a report to target/demo.
     Demo,
-    /// Build, then measure the profiler's own CPU, memory and latency
-    /// while it samples a busy target.
+    /// Build, then compare the profiler with perf, bpftrace and
+    /// `node --cpu-prof` (cost to a service under load, accuracy, stack
+    /// completeness) and write docs/benchmarks.md from the figures.
     Bench {
-        /// Seconds of sampling.
-        #[arg(long, default_value_t = 30)]
-        duration: u64,
-        /// Sampling frequency in Hz.
-        #[arg(long, default_value_t = 99)]
-        frequency: u64,
+        /// One round and fewer requests, for a quick look; the doc goes to
+        /// target/bench/benchmarks.md instead of docs/.
+        #[arg(long)]
+        quick: bool,
+        /// Write the doc again from a saved matrix.json, measuring nothing.
+        #[arg(long, value_name = "MATRIX_JSON")]
+        from_json: Option<PathBuf>,
     },
 }
 
@@ -52,13 +54,13 @@ fn main() -> anyhow::Result<()> {
             build()?;
             demo::run()
         }
-        Task::Bench {
-            duration,
-            frequency,
-        } => {
-            build()?;
-            setup::test_tools()?;
-            bench::run(duration, frequency)
+        Task::Bench { quick, from_json } => {
+            let options = bench::Options { quick, from_json };
+            if options.from_json.is_none() {
+                build()?;
+                setup::test_tools()?;
+            }
+            bench::run(&options)
         }
     }
 }
