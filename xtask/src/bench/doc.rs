@@ -428,6 +428,7 @@ pub fn render(figures: &Value) -> anyhow::Result<String> {
     render_overhead(&mut md, overhead, rounds)?;
     render_accuracy(&mut md, &figures["accuracy"])?;
     render_loop_tracking(&mut md, figures)?;
+    render_daemon(&mut md, &figures["daemon"])?;
     render_method(&mut md, figures)?;
     Ok(md)
 }
@@ -801,6 +802,42 @@ fn render_loop_tracking(md: &mut String, figures: &Value) -> anyhow::Result<()> 
             ),
         )?;
     }
+    Ok(())
+}
+
+fn render_daemon(md: &mut String, daemon: &Value) -> anyhow::Result<()> {
+    if daemon.is_null() {
+        return Ok(());
+    }
+    writeln!(md, "\n## Continuous profiling: `profiler daemon`\n")?;
+    writeln!(
+        md,
+        "`profiler daemon -p A -p B --interval {}` at its default {} Hz on two node \
+         processes each keeping a core busy (`tests/fixtures/hot.js`), measured for {} s \
+         after its first interval. RSS was read once a second; a cut reads and clears the \
+         interval's counts, symbolizes and writes both processes' profiles and prunes the \
+         kernel maps.\n",
+        daemon["interval_s"], daemon["frequency_hz"], daemon["window_s"]
+    )?;
+    writeln!(md, "| figure | value |")?;
+    writeln!(md, "| --- | ---: |")?;
+    writeln!(
+        md,
+        "| daemon CPU (its process) | {}% of one core |",
+        daemon["daemon_cpu_percent_of_one_core"]
+    )?;
+    writeln!(
+        md,
+        "| its BPF programs (sampling and event-loop tracking) | {}% of one core |",
+        daemon["bpf_cpu_percent_of_one_core"]
+    )?;
+    writeln!(md, "| RSS | {} |", cell(&daemon["rss_mib"], 1, " MiB"))?;
+    writeln!(md, "| cutting an interval | {} |", cell(&daemon["cut_ms"], 0, " ms"))?;
+    writeln!(
+        md,
+        "| the first cut (node's symbols parsed) | {} ms |",
+        daemon["first_cut_ms"].as_f64().map_or(f64::NAN, f64::round)
+    )?;
     Ok(())
 }
 

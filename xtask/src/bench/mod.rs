@@ -2,7 +2,8 @@
 //! (frame pointers and DWARF), bpftrace and `node --cpu-prof`, on what
 //! they cost a Node.js service under load, how right they are against a
 //! known split and against V8's own profile, and how complete their stacks
-//! are; plus what event-loop tracking adds to a syscall.
+//! are; plus what event-loop tracking adds to a syscall, and what the
+//! continuous daemon costs.
 //!
 //! Everything goes to `target/bench/matrix.json`; the bench then writes
 //! `docs/benchmarks.md` from those figures and copies them to
@@ -11,6 +12,7 @@
 mod accuracy;
 mod child;
 pub mod cleanup;
+mod daemon;
 mod doc;
 mod measure;
 mod overhead;
@@ -71,6 +73,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let overhead = overhead::run(&settings, &available, &out.join("runs/overhead"))?;
     let split = accuracy::split(accuracy_rounds, &available, &out.join("runs/split"))?;
     let node = accuracy::node(accuracy_rounds, &available, &out.join("runs/node"))?;
+    let daemon = daemon::run(&out.join("runs/daemon"))?;
     drop(stats);
     let syscalls = syscalls::run()?;
 
@@ -82,6 +85,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "overhead": overhead,
         "accuracy": { "split": split, "node": node },
         "syscalls": syscalls,
+        "daemon": daemon,
     });
     drop(available);
     figures["goals"] = doc::goals(&figures);
