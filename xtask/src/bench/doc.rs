@@ -832,7 +832,11 @@ fn render_daemon(md: &mut String, daemon: &Value) -> anyhow::Result<()> {
         daemon["bpf_cpu_percent_of_one_core"]
     )?;
     writeln!(md, "| RSS | {} |", cell(&daemon["rss_mib"], 1, " MiB"))?;
-    writeln!(md, "| cutting an interval | {} |", cell(&daemon["cut_ms"], 0, " ms"))?;
+    writeln!(
+        md,
+        "| cutting an interval | {} |",
+        cell(&daemon["cut_ms"], 0, " ms")
+    )?;
     writeln!(
         md,
         "| the first cut (node's symbols parsed) | {} ms |",
