@@ -66,6 +66,9 @@ pub struct Episode {
     pub start_time: String,
     pub duration_ms: f64,
     pub samples: u64,
+    /// The part of the duration inside the profile: less than the duration
+    /// for an iteration that began before sampling did.
+    pub sampled_ms: f64,
     /// CPU time the samples account for.
     pub on_cpu_ms: f64,
     /// The rest of the sampled part of the duration: waiting on disk, a
@@ -210,6 +213,7 @@ pub fn analyze(
             ),
             duration_ms: round3(duration_ms),
             samples: sample_count,
+            sampled_ms: round3(sampled_ms),
             on_cpu_ms: round3(on_cpu_ms),
             off_cpu_ms: round3(sampled_ms - on_cpu_ms),
             off_cpu: sampled_ms > 0.0 && on_cpu_ms < sampled_ms * OFF_CPU_SHARE,

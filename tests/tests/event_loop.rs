@@ -113,19 +113,26 @@ fn every_blocking_episode_is_found_with_its_duration_and_function() {
         "{count} episodes for {} blocks: {episodes:#?}",
         blocks.len()
     );
+    let all_blocks = logged_blocks(&server.log);
     for episode in &episodes {
         let start = start_ms + episode["start_s"].as_f64().unwrap() * 1000.0;
         let duration = episode["duration_ms"].as_f64().unwrap();
-        // The logged block nearest to the episode's start.
-        let (block_start, block_end) = *blocks
+        // The logged block nearest to the episode's start; one still under
+        // way when profiling stopped may end after the profile.
+        let (block_start, block_end) = *all_blocks
             .iter()
             .min_by(|a, b| (a.0 - start).abs().total_cmp(&(b.0 - start).abs()))
             .unwrap();
         let real = block_end - block_start;
-        assert!(
-            (duration - real).abs() <= real * 0.10,
-            "episode of {duration:.1} ms for a block of {real:.1} ms"
-        );
+        if episode["in_progress"] == true {
+            // Cut short by the end of the profile.
+            assert!(duration <= real * 1.10, "{episode}");
+        } else {
+            assert!(
+                (duration - real).abs() <= real * 0.10,
+                "episode of {duration:.1} ms for a block of {real:.1} ms"
+            );
+        }
         assert!(
             (start - block_start).abs() < 100.0,
             "episode starts {start} vs {block_start}"
@@ -248,9 +255,24 @@ fn stall_off_the_cpu_is_reported_as_such() {
     let episodes = episodes(&run.dir);
     assert!(episodes.len() >= 3, "{episodes:#?}");
     for episode in &episodes {
+        if episode["sampled_ms"].as_f64().unwrap() == 0.0 {
+            // Ended before sampling began: nothing to judge it by.
+            continue;
+        }
         assert_eq!(episode["off_cpu"], true, "{episode}");
+        // On and off CPU are judged over the part of the episode inside
+        // the profile; the first may have begun before sampling did.
         let off = episode["off_cpu_ms"].as_f64().unwrap();
-        assert!(off > 120.0, "{off} ms off-CPU of a 150 ms wait");
+        let sampled = episode["sampled_ms"].as_f64().unwrap();
+        let duration = episode["duration_ms"].as_f64().unwrap();
+        assert!(sampled <= duration + 0.001, "{episode}");
+        if episode["start_s"].as_f64().unwrap() >= 0.0 {
+            assert_eq!(sampled, duration, "{episode}");
+        }
+        assert!(
+            off >= 0.8 * sampled,
+            "{off} ms off-CPU of {sampled} ms sampled of a 150 ms wait"
+        );
     }
 }
 
