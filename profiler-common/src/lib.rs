@@ -212,71 +212,6 @@ pub struct UnwindRow {
     pub _pad: u16,
 }
 
-impl UnwindRow {
-    /// The row's 16 bytes as four words: slots of the row array after a
-    /// binary's rows hold its page index this way, four entries a slot.
-    #[inline(always)]
-    pub fn words(&self) -> [u32; 4] {
-        [
-            self.pc,
-            self.cfa_offset as u32,
-            u32::from(self.deref_add as u16) | (u32::from(self.rbp_offset as u16) << 16),
-            u32::from(self.cfa_kind)
-                | (u32::from(self.rbp_saved) << 8)
-                | (u32::from(self._pad) << 16),
-        ]
-    }
-
-    /// The inverse of [`Self::words`].
-    pub fn from_words(words: [u32; 4]) -> Self {
-        Self {
-            pc: words[0],
-            cfa_offset: words[1] as i32,
-            deref_add: words[2] as u16 as i16,
-            rbp_offset: (words[2] >> 16) as u16 as i16,
-            cfa_kind: words[3] as u8,
-            rbp_saved: (words[3] >> 8) as u8,
-            _pad: (words[3] >> 16) as u16,
-        }
-    }
-}
-
-/// Each page of a binary's page index covers this many bytes of code
-/// (as a shift), counted from the binary's first row.
-pub const UNWIND_PAGE_SHIFT: u32 = 12;
-
-/// The part of a binary's rows, relative to its first row, that holds the
-/// row for virtual address `vaddr`: `[low, high)`. `page_entry(p)` is the
-/// page index's entry for page `p`: the row in effect at the page's start.
-/// Without an index (`pages == 0`) it is all rows. `None` when `vaddr` is
-/// below the first row.
-///
-/// The binary search then takes a handful of steps within a page instead
-/// of about twenty over the whole binary, each a likely cache miss.
-#[inline(always)]
-pub fn row_bounds(
-    vaddr: u64,
-    first_pc: u64,
-    rows_len: u32,
-    pages: u32,
-    page_entry: impl Fn(u32) -> Option<u32>,
-) -> Option<(u32, u32)> {
-    if vaddr < first_pc {
-        return None;
-    }
-    if pages == 0 {
-        return Some((0, rows_len));
-    }
-    let page = ((vaddr - first_pc) >> UNWIND_PAGE_SHIFT).min(u64::from(pages - 1)) as u32;
-    let low = page_entry(page)?;
-    let high = if page + 1 < pages {
-        page_entry(page + 1)?.saturating_add(1)
-    } else {
-        rows_len
-    };
-    Some((low, high.min(rows_len)))
-}
-
 /// An executable mapping of a process whose binary has unwind rows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -288,10 +223,6 @@ pub struct UnwindMapping {
     /// The binary's rows in the row array.
     pub rows_start: u32,
     pub rows_len: u32,
-    /// The binary's page index: the slot it starts at in the row array,
-    /// and its number of entries (0: no index).
-    pub pages_start: u32,
-    pub pages: u32,
 }
 
 /// The unwindable mappings of one process.

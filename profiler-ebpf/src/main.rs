@@ -32,7 +32,7 @@ use profiler_common::{
     LOOP_EVENTS_BYTES, LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, MAX_STACK_DEPTH,
     MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind, STACK_LOST, SampleKey, Stack, TARGET_ENTRIES,
     THREAD_ENTRIES, ThreadInfo, UnwindMapping, UnwindRow, cfa_kind, hist_bucket, loop_event,
-    row_bounds, stack_hash, stat,
+    stack_hash, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.
@@ -471,16 +471,9 @@ fn find_mapping(pid: u32, pc: u64) -> Option<UnwindMapping> {
 #[inline(always)]
 fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
     let vaddr = pc - mapping.bias;
-    let first_pc = u64::from(UNWIND_ROWS.get(mapping.rows_start)?.pc);
-    // The page index narrows the search to the rows of one page of code.
-    let page_entry = |page: u32| {
-        let slot = UNWIND_ROWS.get(mapping.pages_start + page / 4)?;
-        Some(slot.words()[(page & 3) as usize])
-    };
-    let (low, high) = row_bounds(vaddr, first_pc, mapping.rows_len, mapping.pages, page_entry)?;
     // The last row at or below `vaddr`, by binary search; 2^24 rows at
     // most per binary.
-    let (mut low, mut high) = (mapping.rows_start + low, mapping.rows_start + high);
+    let (mut low, mut high) = (mapping.rows_start, mapping.rows_start + mapping.rows_len);
     for _ in 0..24 {
         if low >= high {
             break;

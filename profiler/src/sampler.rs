@@ -33,10 +33,6 @@ use profiler_common::{
 /// The eBPF object, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
-/// Binaries whose code spans more pages than this (1 GiB) are searched
-/// without a page index.
-const MAX_INDEX_PAGES: u32 = 1 << 18;
-
 /// The two counts maps, by the slot value that selects them.
 const COUNTS_MAPS: [&str; 2] = ["COUNTS", "COUNTS_ALT"];
 
@@ -141,7 +137,7 @@ impl UnwindState {
         let free = &mut self.free;
         self.files.retain(|_, table| match table {
             Some(t) if !used.contains(&t.rows_start) => {
-                free.push((t.rows_start, t.slots));
+                free.push((t.rows_start, t.rows_len));
                 false
             }
             _ => true,
@@ -168,10 +164,6 @@ impl UnwindState {
 struct LoadedTable {
     rows_start: u32,
     rows_len: u32,
-    /// Entries of the page index, which follows the rows.
-    pages: u32,
-    /// Slots taken in the row array: the rows, then the page index.
-    slots: u32,
     segments: Vec<unwind::Segment>,
 }
 
@@ -271,8 +263,6 @@ impl Sampler {
                 bias,
                 rows_start: table.rows_start,
                 rows_len: table.rows_len,
-                pages_start: table.rows_start + table.rows_len,
-                pages: table.pages,
             });
         }
 
@@ -340,16 +330,13 @@ impl Sampler {
             }
         };
         let segments = unwind::segments(&data).ok()?;
-        let mut rows = table.kernel_rows();
+        let rows = table.kernel_rows();
         let rows_len = u32::try_from(rows.len()).ok()?;
-        let (pages, index) = unwind::page_index(&rows, MAX_INDEX_PAGES);
-        rows.extend(index);
-        let slots = u32::try_from(rows.len()).ok()?;
         // Tables of binaries no process maps any more are kept, in case the
         // next process maps them too, until their room is needed.
-        let allocated = self.unwind.allocate(slots).or_else(|| {
+        let allocated = self.unwind.allocate(rows_len).or_else(|| {
             self.unwind.release_unused();
-            self.unwind.allocate(slots)
+            self.unwind.allocate(rows_len)
         });
         let Some(rows_start) = allocated else {
             warn!(
@@ -364,18 +351,13 @@ impl Sampler {
                 "cannot write unwind rows for {}: {err:#}; ignoring",
                 mapping.path
             );
-            self.unwind.free.push((rows_start, slots));
+            self.unwind.free.push((rows_start, rows_len));
             return None;
         }
-        debug!(
-            "{}: {rows_len} unwind rows and {pages} index pages at {rows_start}",
-            mapping.path
-        );
+        debug!("{}: {rows_len} unwind rows at {rows_start}", mapping.path);
         Some(LoadedTable {
             rows_start,
             rows_len,
-            pages,
-            slots,
             segments,
         })
     }
@@ -805,8 +787,6 @@ mod tests {
         Some(LoadedTable {
             rows_start,
             rows_len,
-            pages: 0,
-            slots: rows_len,
             segments: Vec::new(),
         })
     }

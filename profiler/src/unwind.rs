@@ -329,42 +329,6 @@ fn leb128(bytes: &[u8], signed: bool) -> Option<(i64, &[u8])> {
     None
 }
 
-/// The page index of a binary's rows (sorted by pc): for each page of
-/// code from the first row's pc, the index of the row in effect at the
-/// page's start. Packed four entries to a row slot, as the kernel side
-/// reads it; empty when the code spans more pages than `max_pages`.
-pub fn page_index(
-    rows: &[profiler_common::UnwindRow],
-    max_pages: u32,
-) -> (u32, Vec<profiler_common::UnwindRow>) {
-    use profiler_common::{UNWIND_PAGE_SHIFT, UnwindRow};
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
-        return (0, Vec::new());
-    };
-    let pages = ((last.pc - first.pc) >> UNWIND_PAGE_SHIFT) + 1;
-    if pages > max_pages {
-        return (0, Vec::new());
-    }
-    let mut entries = Vec::with_capacity(pages as usize);
-    let mut row = 0usize;
-    for page in 0..pages {
-        let page_start = first.pc + (page << UNWIND_PAGE_SHIFT);
-        while row + 1 < rows.len() && rows[row + 1].pc <= page_start {
-            row += 1;
-        }
-        entries.push(row as u32);
-    }
-    let slots = entries
-        .chunks(4)
-        .map(|chunk| {
-            let mut words = [0u32; 4];
-            words[..chunk.len()].copy_from_slice(chunk);
-            UnwindRow::from_words(words)
-        })
-        .collect();
-    (pages, slots)
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -498,62 +462,5 @@ mod tests {
     fn not_an_elf_file_is_an_error() {
         let err = UnwindTable::compile(b"definitely not ELF").unwrap_err();
         assert!(matches!(err, UnwindError::Elf(_)), "{err}");
-    }
-
-    #[test]
-    fn page_index_narrows_the_search_to_the_same_row() {
-        use profiler_common::{UnwindRow, row_bounds};
-        // Rows dense in places, with gaps of several pages elsewhere.
-        let mut pcs = Vec::new();
-        let mut pc = 0x1000u32;
-        for i in 0..3000u32 {
-            pc += match i % 7 {
-                0 => 3 * 4096 + 5,
-                1 | 2 => 1,
-                _ => 37,
-            };
-            pcs.push(pc);
-        }
-        let rows: Vec<UnwindRow> = pcs
-            .iter()
-            .map(|&pc| UnwindRow {
-                pc,
-                ..UnwindRow::default()
-            })
-            .collect();
-        let (pages, slots) = page_index(&rows, 1 << 20);
-        assert!(pages > 100);
-        let entry = |page: u32| {
-            slots
-                .get((page / 4) as usize)
-                .map(|slot| slot.words()[(page % 4) as usize])
-        };
-        let plain = |vaddr: u64| rows.iter().rposition(|r| u64::from(r.pc) <= vaddr);
-
-        for vaddr in (0x800u64..u64::from(pc) + 9000).step_by(13) {
-            let found = row_bounds(vaddr, u64::from(pcs[0]), rows.len() as u32, pages, entry)
-                .and_then(|(low, high)| {
-                    rows[low as usize..high as usize]
-                        .iter()
-                        .rposition(|r| u64::from(r.pc) <= vaddr)
-                        .map(|i| i + low as usize)
-                });
-            assert_eq!(found, plain(vaddr), "vaddr {vaddr:#x}");
-        }
-        assert_eq!(page_index(&rows, 10).0, 0, "too many pages: no index");
-    }
-
-    #[test]
-    fn row_words_round_trip() {
-        let row = profiler_common::UnwindRow {
-            pc: 0xdead_beef,
-            cfa_offset: -24,
-            deref_add: -8,
-            rbp_offset: -16,
-            cfa_kind: 3,
-            rbp_saved: 1,
-            _pad: 0,
-        };
-        assert_eq!(profiler_common::UnwindRow::from_words(row.words()), row);
     }
 }
