@@ -194,6 +194,14 @@ pub mod cfa_kind {
     pub const RBP: u8 = 2;
     /// `*(rsp + offset) + deref_add`.
     pub const RSP_DEREF: u8 = 3;
+    /// `*(rbp + offset) + deref_add`.
+    pub const RBP_DEREF: u8 = 4;
+    /// `cfa_register + offset`, for another general register (DWARF
+    /// number). Only the innermost frame's registers are known, so other
+    /// frames with this rule are walked by frame pointer. Hand-written
+    /// assembly keeps the entry `rsp` in such a register around its
+    /// prologue and epilogue.
+    pub const REGISTER: u8 = 5;
 }
 
 /// One row of an unwind table: applies from `pc` up to the next row's.
@@ -209,7 +217,9 @@ pub struct UnwindRow {
     /// One of [`cfa_kind`].
     pub cfa_kind: u8,
     pub rbp_saved: u8,
-    pub _pad: u16,
+    /// DWARF register number, for [`cfa_kind::REGISTER`].
+    pub cfa_register: u8,
+    pub _pad: u8,
 }
 
 /// An executable mapping of a process whose binary has unwind rows.

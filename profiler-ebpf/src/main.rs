@@ -19,13 +19,13 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs, generated,
     },
     macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
 };
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use profiler_common::{
     DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_UNWIND_ROWS, HIST_BUCKETS, HIST_GROUPS,
@@ -64,6 +64,12 @@ static PROC_UNWIND: HashMap<u32, ProcUnwind> = HashMap::with_max_entries(TARGET_
 /// Per-CPU room to walk a stack into before it is hashed and stored.
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU copy of the user registers of the sample being walked, for
+/// unwind rules based on a register other than `rsp` and `rbp`. Kept out
+/// of the walk's stack frame, which the verifier bounds.
+#[map]
+static LEAF_REGS: PerCpuArray<pt_regs> = PerCpuArray::with_max_entries(1, 0);
 
 /// Sample counts per thread and stack pair. There are two, so that user
 /// space can read and clear one while the other fills: `COUNTS_SLOT` says
@@ -113,7 +119,7 @@ fn try_profile(ctx: &PerfEventContext) {
 
     // SAFETY: a read of a constant the loader may have patched; volatile so
     // the compiler cannot fold it to its initial value.
-    let sample_all = unsafe { core::ptr::read_volatile(&SAMPLE_ALL) } != 0;
+    let sample_all = unsafe { read_volatile(&SAMPLE_ALL) } != 0;
     if tid == 0 || (!sample_all && TARGETS.get_ptr(pid).is_none()) {
         bump(stat::OTHER_TASK);
         return;
@@ -213,7 +219,7 @@ fn wait_enter() {
     let Some(state) = LOOP_THREADS.get_ptr_mut(tid) else {
         // First wait of a thread of a target: track it from the return.
         // SAFETY: a read of a constant the loader may have patched.
-        let sample_all = unsafe { core::ptr::read_volatile(&SAMPLE_ALL) } != 0;
+        let sample_all = unsafe { read_volatile(&SAMPLE_ALL) } != 0;
         if sample_all || TARGETS.get_ptr(pid).is_some() {
             let state = LoopThread {
                 iteration_start_ns: 0,
@@ -351,28 +357,80 @@ fn table_stack_id(ctx: &PerfEventContext, pid: u32) -> u64 {
 
 /// The user-mode `rip`, `rsp` and `rbp` of the interrupted task: the
 /// sample's own registers if it hit user mode, else those saved on entry
-/// to the kernel.
+/// to the kernel. All of them are copied to `LEAF_REGS`.
 #[inline(always)]
 fn user_registers(ctx: &PerfEventContext) -> Option<(u64, u64, u64)> {
+    let leaf = LEAF_REGS.get_ptr_mut(0)?;
     // SAFETY: the context of a perf_event program points to its sample
     // data, which holds the registers at the time of the sample.
     let regs = unsafe { &(*ctx.ctx).regs };
-    if regs.cs & 3 == 3 {
-        return Some((regs.rip, regs.rsp, regs.rbp));
-    }
-    // SAFETY: helpers with no memory preconditions; the pointer they give
-    // is only read through bpf_probe_read_kernel.
-    let user = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    if user.is_null() {
-        return None;
-    }
-    // SAFETY: reads of kernel memory through the checked helper.
+    // SAFETY: `leaf` is this CPU's slot of LEAF_REGS. Context fields are
+    // read one by one: the verifier refuses a copy through a pointer
+    // computed from the context.
     unsafe {
-        let rip = bpf_probe_read_kernel(core::ptr::addr_of!((*user).rip)).ok()?;
-        let rsp = bpf_probe_read_kernel(core::ptr::addr_of!((*user).rsp)).ok()?;
-        let rbp = bpf_probe_read_kernel(core::ptr::addr_of!((*user).rbp)).ok()?;
-        Some((rip, rsp, rbp))
+        if read_volatile(&regs.cs) & 3 == 3 {
+            let leaf = &mut *leaf;
+            leaf.rax = read_volatile(&regs.rax);
+            leaf.rdx = read_volatile(&regs.rdx);
+            leaf.rcx = read_volatile(&regs.rcx);
+            leaf.rbx = read_volatile(&regs.rbx);
+            leaf.rsi = read_volatile(&regs.rsi);
+            leaf.rdi = read_volatile(&regs.rdi);
+            leaf.rbp = read_volatile(&regs.rbp);
+            leaf.rsp = read_volatile(&regs.rsp);
+            leaf.rip = read_volatile(&regs.rip);
+            leaf.r8 = read_volatile(&regs.r8);
+            leaf.r9 = read_volatile(&regs.r9);
+            leaf.r10 = read_volatile(&regs.r10);
+            leaf.r11 = read_volatile(&regs.r11);
+            leaf.r12 = read_volatile(&regs.r12);
+            leaf.r13 = read_volatile(&regs.r13);
+            leaf.r14 = read_volatile(&regs.r14);
+            leaf.r15 = read_volatile(&regs.r15);
+        } else {
+            let user = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+            if user.is_null() {
+                return None;
+            }
+            let copied = generated::bpf_probe_read_kernel(
+                leaf.cast(),
+                core::mem::size_of::<pt_regs>() as u32,
+                user.cast(),
+            );
+            if copied != 0 {
+                return None;
+            }
+        }
+        let leaf = &*leaf;
+        Some((leaf.rip, leaf.rsp, leaf.rbp))
     }
+}
+
+/// General register `number` of the innermost frame, in DWARF's numbering
+/// for x86-64.
+#[inline(always)]
+fn leaf_register(number: u8) -> Option<u64> {
+    // SAFETY: this CPU's slot of LEAF_REGS, filled by `user_registers`.
+    let regs = unsafe { &*LEAF_REGS.get_ptr(0)? };
+    Some(match number {
+        0 => regs.rax,
+        1 => regs.rdx,
+        2 => regs.rcx,
+        3 => regs.rbx,
+        4 => regs.rsi,
+        5 => regs.rdi,
+        6 => regs.rbp,
+        7 => regs.rsp,
+        8 => regs.r8,
+        9 => regs.r9,
+        10 => regs.r10,
+        11 => regs.r11,
+        12 => regs.r12,
+        13 => regs.r13,
+        14 => regs.r14,
+        15 => regs.r15,
+        _ => return None,
+    })
 }
 
 /// One frame of a table walk; returns 1 to stop.
@@ -404,15 +462,31 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
     } else {
         None
     };
+    // Another register's value is only known in the innermost frame.
+    let row = row.filter(|row| {
+        row.cfa_kind != cfa_kind::UNKNOWN && (row.cfa_kind != cfa_kind::REGISTER || i == 0)
+    });
     let (cfa, bp) = match row {
-        Some(row) if row.cfa_kind != cfa_kind::UNKNOWN => {
+        Some(row) => {
+            let offset = row.cfa_offset as i64 as u64;
             let cfa = match row.cfa_kind {
-                cfa_kind::RSP => walk.sp.wrapping_add(row.cfa_offset as i64 as u64),
-                cfa_kind::RBP => walk.bp.wrapping_add(row.cfa_offset as i64 as u64),
-                _ => match read_user(walk.sp.wrapping_add(row.cfa_offset as i64 as u64)) {
-                    Some(value) => value.wrapping_add(row.deref_add as i64 as u64),
+                cfa_kind::RSP => walk.sp.wrapping_add(offset),
+                cfa_kind::RBP => walk.bp.wrapping_add(offset),
+                cfa_kind::REGISTER => match leaf_register(row.cfa_register) {
+                    Some(value) => value.wrapping_add(offset),
                     None => return 1,
                 },
+                kind => {
+                    let base = if kind == cfa_kind::RBP_DEREF {
+                        walk.bp
+                    } else {
+                        walk.sp
+                    };
+                    match read_user(base.wrapping_add(offset)) {
+                        Some(value) => value.wrapping_add(row.deref_add as i64 as u64),
+                        None => return 1,
+                    }
+                }
             };
             let bp = if row.rbp_saved != 0 {
                 match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
@@ -470,26 +544,61 @@ fn find_mapping(pid: u32, pc: u64) -> Option<UnwindMapping> {
 /// The unwind row for `pc`, an address inside `mapping`.
 #[inline(always)]
 fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
-    let vaddr = pc - mapping.bias;
-    // The last row at or below `vaddr`, by binary search; 2^24 rows at
-    // most per binary.
-    let (mut low, mut high) = (mapping.rows_start, mapping.rows_start + mapping.rows_len);
-    for _ in 0..24 {
-        if low >= high {
-            break;
-        }
-        let mid = low + (high - low) / 2;
-        let row = UNWIND_ROWS.get(mid)?;
-        if u64::from(row.pc) <= vaddr {
-            low = mid + 1;
-        } else {
-            high = mid;
-        }
-    }
-    if low <= mapping.rows_start {
+    // The last row at or below the address, by binary search; 2^24 rows at
+    // most per binary. The search runs under bpf_loop so that the verifier
+    // checks one step instead of every path through an unrolled search.
+    let mut search = RowSearch {
+        vaddr: pc - mapping.bias,
+        low: mapping.rows_start,
+        high: mapping.rows_start + mapping.rows_len,
+        failed: 0,
+    };
+    // SAFETY: `search_step` has the callback signature bpf_loop expects,
+    // and `search` outlives the call.
+    unsafe {
+        bpf_loop(
+            24,
+            search_step as *mut c_void,
+            (&mut search as *mut RowSearch).cast(),
+            0,
+        )
+    };
+    if search.failed != 0 || search.low <= mapping.rows_start {
         return None;
     }
-    UNWIND_ROWS.get(low - 1).copied()
+    UNWIND_ROWS.get(search.low - 1).copied()
+}
+
+/// State of a binary search over unwind rows, shared with `search_step`.
+#[repr(C)]
+struct RowSearch {
+    vaddr: u64,
+    /// First row that may still be above `vaddr`.
+    low: u32,
+    /// One past the last candidate row.
+    high: u32,
+    failed: u32,
+}
+
+/// One halving of a row search; returns 1 when done.
+#[inline(never)]
+extern "C" fn search_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `find_row` gave it.
+    let search = unsafe { &mut *ctx.cast::<RowSearch>() };
+    if search.low >= search.high {
+        return 1;
+    }
+    let mid = search.low + (search.high - search.low) / 2;
+    let Some(row) = UNWIND_ROWS.get(mid) else {
+        search.failed = 1;
+        return 1;
+    };
+    if u64::from(row.pc) <= search.vaddr {
+        search.low = mid + 1;
+    } else {
+        search.high = mid;
+    }
+    0
 }
 
 #[inline(always)]

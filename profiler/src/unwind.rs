@@ -33,6 +33,18 @@ pub enum Cfa {
         offset: i32,
         add: i32,
     },
+    /// `*(rbp + offset) + add`, the same after `rsp` was copied to `rbp`.
+    RbpDeref {
+        offset: i32,
+        add: i32,
+    },
+    /// Another general register plus an offset (DWARF register number).
+    /// Assembly that realigns its stack keeps the entry `rsp` in, say,
+    /// `rax` over its prologue and `rsi` over its epilogue.
+    Register {
+        register: u8,
+        offset: i32,
+    },
     /// Not expressible in a row; walk by frame pointer.
     Unknown,
 }
@@ -172,10 +184,12 @@ impl UnwindTable {
                     pc,
                     ..UnwindRow::default()
                 };
-                let (kind, offset, add) = match row.cfa {
-                    Cfa::Rsp(offset) => (cfa_kind::RSP, offset, 0),
-                    Cfa::Rbp(offset) => (cfa_kind::RBP, offset, 0),
-                    Cfa::RspDeref { offset, add } => (cfa_kind::RSP_DEREF, offset, add),
+                let (kind, offset, add, register) = match row.cfa {
+                    Cfa::Rsp(offset) => (cfa_kind::RSP, offset, 0, 0),
+                    Cfa::Rbp(offset) => (cfa_kind::RBP, offset, 0, 0),
+                    Cfa::RspDeref { offset, add } => (cfa_kind::RSP_DEREF, offset, add, 0),
+                    Cfa::RbpDeref { offset, add } => (cfa_kind::RBP_DEREF, offset, add, 0),
+                    Cfa::Register { register, offset } => (cfa_kind::REGISTER, offset, 0, register),
                     Cfa::Unknown => return Some(unknown),
                 };
                 let (rbp_saved, rbp_offset) = match row.rbp {
@@ -194,6 +208,7 @@ impl UnwindTable {
                     rbp_offset,
                     cfa_kind: kind,
                     rbp_saved,
+                    cfa_register: register,
                     _pad: 0,
                 })
             })
@@ -269,6 +284,10 @@ where
             match *register {
                 RSP => Cfa::Rsp(offset),
                 RBP => Cfa::Rbp(offset),
+                Register(number @ 0..=15) => Cfa::Register {
+                    register: number as u8,
+                    offset,
+                },
                 _ => Cfa::Unknown,
             }
         }
@@ -276,19 +295,21 @@ where
             .get(section)
             .ok()
             .and_then(|expression| expression.0.to_slice().ok().map(|b| b.into_owned()))
-            .and_then(|bytes| deref_rsp_expression(&bytes))
+            .and_then(|bytes| deref_expression(&bytes))
             .unwrap_or(Cfa::Unknown),
     }
 }
 
-/// Recognizes `DW_OP_breg7 (rsp) N; DW_OP_deref; DW_OP_plus_uconst M`.
-fn deref_rsp_expression(bytes: &[u8]) -> Option<Cfa> {
+/// Recognizes `DW_OP_breg7 (rsp) N; DW_OP_deref; DW_OP_plus_uconst M`,
+/// and the same with `DW_OP_breg6 (rbp)`.
+fn deref_expression(bytes: &[u8]) -> Option<Cfa> {
+    const DW_OP_BREG6: u8 = 0x76;
     const DW_OP_BREG7: u8 = 0x77;
     const DW_OP_DEREF: u8 = 0x06;
     const DW_OP_PLUS_UCONST: u8 = 0x23;
 
-    let (&op, rest) = bytes.split_first()?;
-    if op != DW_OP_BREG7 {
+    let (&base, rest) = bytes.split_first()?;
+    if base != DW_OP_BREG6 && base != DW_OP_BREG7 {
         return None;
     }
     let (offset, rest) = leb128(rest, true)?;
@@ -304,9 +325,11 @@ fn deref_rsp_expression(bytes: &[u8]) -> Option<Cfa> {
     if !rest.is_empty() {
         return None;
     }
-    Some(Cfa::RspDeref {
-        offset: i32::try_from(offset).ok()?,
-        add: i32::try_from(add).ok()?,
+    let (offset, add) = (i32::try_from(offset).ok()?, i32::try_from(add).ok()?);
+    Some(if base == DW_OP_BREG7 {
+        Cfa::RspDeref { offset, add }
+    } else {
+        Cfa::RbpDeref { offset, add }
     })
 }
 
@@ -422,7 +445,7 @@ mod tests {
         // DW_OP_breg7 152; DW_OP_deref; DW_OP_plus_uconst 8
         let bytes = [0x77, 0x98, 0x01, 0x06, 0x23, 0x08];
         assert_eq!(
-            deref_rsp_expression(&bytes),
+            deref_expression(&bytes),
             Some(Cfa::RspDeref {
                 offset: 152,
                 add: 8
@@ -431,11 +454,22 @@ mod tests {
         // DW_OP_breg7 -8; DW_OP_deref; DW_OP_plus_uconst 8
         let bytes = [0x77, 0x78, 0x06, 0x23, 0x08];
         assert_eq!(
-            deref_rsp_expression(&bytes),
+            deref_expression(&bytes),
             Some(Cfa::RspDeref { offset: -8, add: 8 })
         );
+        // DW_OP_breg6 152; DW_OP_deref; DW_OP_plus_uconst 8
+        let bytes = [0x76, 0x98, 0x01, 0x06, 0x23, 0x08];
+        assert_eq!(
+            deref_expression(&bytes),
+            Some(Cfa::RbpDeref {
+                offset: 152,
+                add: 8
+            })
+        );
         // A PLT-style expression with more operations is not.
-        assert_eq!(deref_rsp_expression(&[0x77, 0x08, 0x80, 0x00, 0x22]), None);
+        assert_eq!(deref_expression(&[0x77, 0x08, 0x80, 0x00, 0x22]), None);
+        // Nor is one based on another register.
+        assert_eq!(deref_expression(&[0x70, 0x08, 0x06]), None);
     }
 
     #[test]
