@@ -256,6 +256,14 @@ fn churn_gives_every_process_its_intervals_and_memory_stays_flat() {
         for entry in &entries {
             assert_eq!(entry["cgroup"], cgroup.path.as_str(), "{entry}");
             assert_eq!(entry["name"], "node");
+            // Every node process shares the service folder; its files carry
+            // its pid.
+            assert_eq!(entry["service"], "node");
+            let file = entry["folded"].as_str().unwrap();
+            assert!(
+                file.starts_with("node/") && file.ends_with(&format!("Z-{pid}.folded")),
+                "{entry}"
+            );
             let begin = entry["start_unix_s"].as_f64().unwrap();
             if let Some(end) = end {
                 // Dropped once it exited: no interval begins after its exit.
@@ -553,7 +561,8 @@ fn pushes_survive_a_receiver_outage_within_the_queue_bound() {
         // Pyroscope's application name carries the profile type.
         assert_eq!(record["app"], "node.cpu");
         assert_eq!(record["labels"]["cgroup"], cgroup.path.as_str());
-        assert_eq!(record["labels"]["service"], format!("node-{pid}").as_str());
+        // Outside a systemd service, the service is the process name.
+        assert_eq!(record["labels"]["service"], "node");
         assert_eq!(record["sample_rate"], "19");
         assert_eq!(record["spy_name"], "ebpfspy");
         assert_eq!(record["sample_types"][0], "samples");

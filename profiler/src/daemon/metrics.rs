@@ -22,11 +22,11 @@ const LOOP_BOUNDS_S: [f64; 13] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// One sampled process, by its service name.
+/// One sampled process.
 #[derive(Clone, Debug, Default)]
 pub struct Target {
+    pub service: String,
     pub name: String,
-    pub pid: u32,
     pub cgroup: String,
     pub samples: u64,
     /// Samples whose user stack could not be walked or stored.
@@ -37,7 +37,8 @@ pub struct Target {
 /// Everything the endpoint shows.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub targets: BTreeMap<String, Target>,
+    /// By pid.
+    pub targets: BTreeMap<u32, Target>,
     pub kernel: Stats,
     /// Loop-iteration counts per internal bucket: main threads, then others.
     pub loop_histogram: Vec<u64>,
@@ -167,7 +168,7 @@ pub fn render(s: &Snapshot) -> String {
     let per_target = |value: fn(&Target) -> u64| -> Vec<String> {
         s.targets
             .iter()
-            .map(|(service, t)| format!("{{{}}} {}", target_labels(service, t), value(t)))
+            .map(|(pid, t)| format!("{{{}}} {}", target_labels(*pid, t), value(t)))
             .collect()
     };
 
@@ -313,12 +314,11 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
-fn target_labels(service: &str, t: &Target) -> String {
+fn target_labels(pid: u32, t: &Target) -> String {
     format!(
-        "service=\"{}\",name=\"{}\",pid=\"{}\",cgroup=\"{}\"",
-        escape(service),
+        "service=\"{}\",name=\"{}\",pid=\"{pid}\",cgroup=\"{}\"",
+        escape(&t.service),
         escape(&t.name),
-        t.pid,
         escape(&t.cgroup)
     )
 }
@@ -374,10 +374,10 @@ mod tests {
     fn exposition_has_target_series_and_a_consistent_histogram() {
         let mut s = Snapshot::default();
         s.targets.insert(
-            "node-42".into(),
+            42,
             Target {
+                service: "api".into(),
                 name: "node".into(),
-                pid: 42,
                 cgroup: "/a\"b".into(),
                 samples: 57,
                 lost_samples: 1,
@@ -393,7 +393,7 @@ mod tests {
 
         assert!(
             text.contains(
-                "profiler_samples_total{service=\"node-42\",name=\"node\",pid=\"42\",\
+                "profiler_samples_total{service=\"api\",name=\"node\",pid=\"42\",\
              cgroup=\"/a\\\"b\"} 57\n"
             ),
             "{text}"

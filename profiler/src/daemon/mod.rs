@@ -86,10 +86,11 @@ impl Process {
         let info = procfs::read_info(pid).ok()?;
         let kernel_thread = info.cmdline.is_empty() && procfs::rss_bytes(pid) == Some(0);
         let space = (!kernel_thread).then(|| AddressSpace::new(pid));
+        let cgroup = procfs::cgroup(pid);
         Some(Self {
             start_ticks: procfs::start_ticks(pid),
-            cgroup: procfs::cgroup(pid),
-            service: store::service_name(&info.comm, pid),
+            service: store::service_name(&info.comm, cgroup.as_deref()),
+            cgroup,
             perf_map: None,
             space,
             retired: false,
@@ -527,9 +528,9 @@ impl Daemon {
             process.episodes,
         );
         self.metrics.update(|s| {
-            let target = s.targets.entry(service).or_default();
+            let target = s.targets.entry(pid).or_default();
+            target.service = service;
             target.name = name;
-            target.pid = pid;
             target.cgroup = cgroup;
             target.samples += samples;
             target.lost_samples += lost;
@@ -552,7 +553,7 @@ impl Daemon {
                 debug!("cannot forget pid {pid} in the kernel maps: {err:#}");
             }
             self.metrics.update(|s| {
-                s.targets.remove(&process.service);
+                s.targets.remove(&pid);
             });
             if !self.config.selector.host {
                 info!("pid {pid} ({}) is no longer sampled", process.info.comm);

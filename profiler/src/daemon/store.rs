@@ -1,5 +1,5 @@
-//! The daemon's profiles on disk: `DIR/<service>/<UTC start>.folded` and
-//! `.pb.gz` per process and interval, an `index.json` listing them, and
+//! The daemon's profiles on disk: `DIR/<service>/<UTC start>-<pid>.folded`
+//! and `.pb.gz` per process and interval, an `index.json` listing them, and
 //! retention by age and total size, oldest first.
 
 use std::{
@@ -18,7 +18,8 @@ pub const INDEX: &str = "index.json";
 /// One interval of one process, as listed in the index.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
-    /// Folder of the process's profiles: its name and pid.
+    /// Folder of the process's profiles: its systemd service, or else its
+    /// name. Restarts and worker processes of one service share it.
     pub service: String,
     pub name: String,
     pub pid: u32,
@@ -93,7 +94,10 @@ impl Store {
         let mut entry = interval.entry;
         let service_dir = self.dir.join(&entry.service);
         fs::create_dir_all(&service_dir)?;
-        let stem = unique_stem(&service_dir, &compact_utc(entry.start_unix_s));
+        let stem = unique_stem(
+            &service_dir,
+            &format!("{}-{}", compact_utc(entry.start_unix_s), entry.pid),
+        );
         let folded_name = format!("{stem}.folded");
         let pprof_name = format!("{stem}.pb.gz");
         let folded = output::write_atomic(&service_dir, &folded_name, |w| {
@@ -219,17 +223,18 @@ struct ProfileFile {
     modified: Option<SystemTime>,
 }
 
-/// A file stem not used yet in `dir`: the time, then `-1`, `-2`… when an
-/// interval of the same second exists (a reload cuts one short).
-fn unique_stem(dir: &Path, time: &str) -> String {
+/// A file stem not used yet in `dir`: `stem`, then `stem.1`, `stem.2`… when
+/// an interval of the same process and second exists (a reload cuts one
+/// short).
+fn unique_stem(dir: &Path, stem: &str) -> String {
     let taken = |stem: &str| dir.join(format!("{stem}.folded")).exists();
-    if !taken(time) {
-        return time.to_owned();
+    if !taken(stem) {
+        return stem.to_owned();
     }
     (1..)
-        .map(|n| format!("{time}-{n}"))
+        .map(|n| format!("{stem}.{n}"))
         .find(|stem| !taken(stem))
-        .unwrap_or_else(|| time.to_owned())
+        .unwrap_or_else(|| stem.to_owned())
 }
 
 /// `20261203T184500Z`: sortable, and valid in a file name.
@@ -242,12 +247,20 @@ pub fn compact_utc(unix_s: f64) -> String {
         + "Z"
 }
 
-/// A process name made safe as a folder name.
-pub fn service_name(name: &str, pid: u32) -> String {
-    let clean: String = name
+/// The service a process belongs to, as a safe folder name: the systemd
+/// unit of its cgroup (`/system.slice/api.service` gives `api`), or else
+/// the process name.
+pub fn service_name(name: &str, cgroup: Option<&str>) -> String {
+    let unit = cgroup
+        .into_iter()
+        .flat_map(|path| path.rsplit('/'))
+        .find_map(|part| part.strip_suffix(".service"))
+        .filter(|unit| !unit.is_empty());
+    let clean: String = unit
+        .unwrap_or(name)
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@') {
                 c
             } else {
                 '_'
@@ -255,8 +268,11 @@ pub fn service_name(name: &str, pid: u32) -> String {
         })
         .collect();
     let clean = clean.trim_start_matches('.');
-    let clean = if clean.is_empty() { "process" } else { clean };
-    format!("{clean}-{pid}")
+    if clean.is_empty() {
+        "process".to_owned()
+    } else {
+        clean.to_owned()
+    }
 }
 
 pub fn unix_now_s() -> f64 {
@@ -303,16 +319,16 @@ mod tests {
     fn intervals_are_listed_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
-        write(&mut store, "node-1", 1_764_787_500.0, 10);
-        write(&mut store, "node-1", 1_764_787_500.4, 10);
+        write(&mut store, "api", 1_764_787_500.0, 10);
+        write(&mut store, "api", 1_764_787_500.4, 10);
 
         let again = Store::open(dir.path()).unwrap();
         let files: Vec<&str> = again.entries().iter().map(|e| e.folded.as_str()).collect();
         assert_eq!(
             files,
             [
-                "node-1/20251203T184500Z.folded",
-                "node-1/20251203T184500Z-1.folded"
+                "api/20251203T184500Z-1.folded",
+                "api/20251203T184500Z-1.1.folded"
             ]
         );
         let text = fs::read_to_string(dir.path().join(files[0])).unwrap();
@@ -323,29 +339,29 @@ mod tests {
     fn size_limit_removes_the_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
-        write(&mut store, "b-2", 2000.0, 1000);
-        write(&mut store, "a-1", 1000.0, 1000);
-        write(&mut store, "a-1", 3000.0, 1000);
+        write(&mut store, "b", 2000.0, 1000);
+        write(&mut store, "a", 1000.0, 1000);
+        write(&mut store, "a", 3000.0, 1000);
 
         let removed = store.enforce_retention(Duration::from_secs(3600), 2100);
 
         assert_eq!(removed, 1);
         let left: Vec<f64> = store.entries().iter().map(|e| e.start_unix_s).collect();
         assert_eq!(left, [2000.0, 3000.0]);
-        assert!(!dir.path().join("a-1/19700101T001640Z.folded").exists());
+        assert!(!dir.path().join("a/19700101T001640Z-1.folded").exists());
     }
 
     #[test]
     fn age_limit_removes_stale_folders() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
-        write(&mut store, "gone-9", 1000.0, 10);
+        write(&mut store, "gone", 1000.0, 10);
         std::thread::sleep(Duration::from_millis(20));
 
         store.enforce_retention(Duration::from_millis(1), u64::MAX);
 
         assert!(store.entries().is_empty());
-        assert!(!dir.path().join("gone-9").exists());
+        assert!(!dir.path().join("gone").exists());
     }
 
     #[test]
@@ -369,8 +385,29 @@ mod tests {
 
     #[test]
     fn service_names_are_safe_folder_names() {
-        assert_eq!(service_name("node", 42), "node-42");
-        assert_eq!(service_name("kworker/0:1", 7), "kworker_0_1-7");
-        assert_eq!(service_name("..", 3), "process-3");
+        assert_eq!(service_name("node", None), "node");
+        assert_eq!(service_name("kworker/0:1", Some("/")), "kworker_0_1");
+        assert_eq!(service_name("..", None), "process");
+    }
+
+    #[test]
+    fn service_is_the_systemd_unit_when_there_is_one() {
+        assert_eq!(
+            service_name("node", Some("/system.slice/api.service")),
+            "api"
+        );
+        // A unit's own sub-cgroups still belong to it.
+        assert_eq!(
+            service_name("node", Some("/system.slice/api.service/workers")),
+            "api"
+        );
+        assert_eq!(
+            service_name("node", Some("/system.slice/worker@2.service")),
+            "worker@2"
+        );
+        assert_eq!(
+            service_name("node", Some("/user.slice/user-0.slice/session-3.scope")),
+            "node"
+        );
     }
 }
