@@ -526,7 +526,26 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
 /// The mapping of process `pid` that holds `pc`, if it has a table.
 #[inline(always)]
 fn find_mapping(pid: u32, pc: u64) -> Option<UnwindMapping> {
+    let index = mapping_index(pid, pc);
+    // SAFETY: a read of a local. Volatile so that the compiler, which can
+    // see the function's result is below the mapping count, keeps the
+    // bounds check the verifier needs.
+    let index = usize::try_from(unsafe { read_volatile(&index) }).ok()?;
     let proc = PROC_UNWIND.get_ptr(pid)?;
+    // SAFETY: pointer from a successful lookup; read only.
+    unsafe { (*proc).mappings.get(index).copied() }
+}
+
+/// Index of the mapping of process `pid` that holds `pc`, or -1. A global
+/// function, so the verifier checks it once on its own rather than once
+/// for every path through the walk that reaches it, which multiplied by
+/// the mapping count made loading take most of a second.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn mapping_index(pid: u32, pc: u64) -> i64 {
+    let Some(proc) = PROC_UNWIND.get_ptr(pid) else {
+        return -1;
+    };
     // SAFETY: pointer from a successful lookup; read only.
     let proc = unsafe { &*proc };
     for j in 0..MAX_UNWIND_MAPPINGS {
@@ -535,10 +554,10 @@ fn find_mapping(pid: u32, pc: u64) -> Option<UnwindMapping> {
         }
         let mapping = &proc.mappings[j];
         if mapping.start <= pc && pc < mapping.end {
-            return Some(*mapping);
+            return j as i64;
         }
     }
-    None
+    -1
 }
 
 /// The unwind row for `pc`, an address inside `mapping`.
