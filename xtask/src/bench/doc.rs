@@ -166,7 +166,8 @@ pub fn goals(figures: &Value) -> Value {
         ) {
             (Some(ours_rate), Some(perf_rate), Some(ours_total), Some(perf_total)) => {
                 let dwarf_total = profiler(key(Kind::PerfDwarf, 99), to_flame_graph);
-                let total_met = ours_total < perf_total && dwarf_total.is_none_or(|d| ours_total < d);
+                let total_met =
+                    ours_total < perf_total && dwarf_total.is_none_or(|d| ours_total < d);
                 let rate_met = ours_rate < perf_rate;
                 Goal {
                     goal,
@@ -192,15 +193,22 @@ pub fn goals(figures: &Value) -> Value {
                         if rate_met {
                             String::new()
                         } else {
+                            let later = match crossover_s(figures) {
+                                Some(s) if total_met && s > 0.0 => format!(
+                                    "; over a run longer than the ones here, that rate \
+                                     outweighs perf's post-processing past about {s:.0} s \
+                                     of sampling at the earliest"
+                                ),
+                                _ => "; over these runs that rate is not made up by the \
+                                      faster path to a flame graph"
+                                    .to_owned(),
+                            };
                             format!(
                                 ". While sampling, this profiler costs more: its BPF programs \
                                  walk unwind tables for every sample and track every \
                                  syscall of the host, and its process re-reads the target's \
                                  mappings every second, where `perf record` only copies \
-                                 buffers; over a run longer than the ones here, that rate \
-                                 outweighs perf's post-processing past about {:.0} s of sampling at the \
-                                 earliest",
-                                crossover_s(figures).unwrap_or(f64::NAN)
+                                 buffers{later}"
                             )
                         }
                     ),
