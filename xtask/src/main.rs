@@ -108,7 +108,10 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
 
     step("integration tests against real processes");
     let mut integration = cargo();
-    integration.args(["test", "--release", "--package", "integration-tests", "--"]);
+    // Every test binary runs even when one fails, so one failure does not
+    // hide the others.
+    integration.args(["test", "--release", "--no-fail-fast"]);
+    integration.args(["--package", "integration-tests", "--"]);
     // One at a time: the tests measure shares of CPU time on a small machine.
     integration.arg("--test-threads=1");
     if let Some(filter) = filter {
