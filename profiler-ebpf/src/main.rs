@@ -3,12 +3,14 @@
 //! - `profile`, a `perf_event` program run on every CPU at the sampling
 //!   frequency: filter by process, store the user and kernel stacks, count
 //!   the pair.
-//! - `loop_sys_enter` and `loop_sys_exit`, raw tracepoints on syscall entry
-//!   and return: they cut the life of every thread of a target that waits
-//!   in epoll into event-loop iterations,
-//!   from the return of one wait to the next call, and report iterations
-//!   longer than a threshold. Samples taken on such a thread outside its
-//!   wait are also sent to user space, tagged with the iteration.
+//! - `loop_wait_enter` and `loop_wait_exit`, fentry and fexit programs on
+//!   the kernel's epoll wait: they cut the life of every thread of a target
+//!   that waits in epoll into event-loop iterations, from the return of one
+//!   wait to the next call, and report iterations longer than a threshold.
+//!   Samples taken on such a thread outside its wait are also sent to user
+//!   space, tagged with the iteration.
+//! - `loop_sys_enter` and `loop_sys_exit`, raw tracepoints on every syscall's
+//!   entry and return, which do the same on kernels that refuse fentry.
 
 #![no_std]
 #![no_main]
@@ -21,9 +23,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_stack,
         bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs, generated,
     },
-    macros::{map, perf_event, raw_tracepoint},
+    macros::{fentry, fexit, map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{PerfEventContext, RawTracePointContext},
+    programs::{FEntryContext, FExitContext, PerfEventContext, RawTracePointContext},
 };
 use core::{ffi::c_void, ptr::read_volatile};
 
@@ -187,6 +189,25 @@ fn count_sample(counts: &HashMap<SampleKey, u64>, key: &SampleKey) {
 const SYS_EPOLL_WAIT: i64 = 232;
 const SYS_EPOLL_PWAIT: i64 = 281;
 const SYS_EPOLL_PWAIT2: i64 = 441;
+
+/// A thread calls the kernel's epoll wait, which `epoll_wait`,
+/// `epoll_pwait` and `epoll_pwait2` all go through: for a loop thread, the
+/// current iteration ends here.
+///
+/// Only waits pay for this, where the syscall tracepoints below put every
+/// syscall of the host on the kernel's slower traced path.
+#[fentry(function = "do_epoll_wait")]
+pub fn loop_wait_enter(_ctx: FEntryContext) -> u32 {
+    wait_enter();
+    0
+}
+
+/// A thread returns from its epoll wait: a new iteration starts here.
+#[fexit(function = "do_epoll_wait")]
+pub fn loop_wait_exit(_ctx: FExitContext) -> u32 {
+    wait_exit();
+    0
+}
 
 /// Syscall entry: a loop thread entering its wait ends an iteration.
 ///

@@ -27,7 +27,7 @@ use crate::{
     perf_map::{self, PerfMap, PerfMapFile},
     procfs::{self, ProcessInfo},
     profile::{Profile, TopEntry},
-    sampler::{Sampler, SamplerConfig, UnwindLoad},
+    sampler::{LoopProbe, Sampler, SamplerConfig, UnwindLoad},
     symbolize::{ProcessSymbols, ResolvedStacks, Symbolizer},
 };
 
@@ -225,6 +225,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
     } else {
         None
     };
+    let loop_probe = sampler.loop_probe().map_or("", LoopProbe::describe);
     drop(sampler);
     let stack_errors = stats.user_stack_errors + stats.kernel_stack_errors + raw.missing_stacks;
     if stack_errors > 0 {
@@ -284,6 +285,7 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
                         events_lost: stats.loop_events_lost,
                         max_ns: stats.loop_max_ns,
                         threshold_ns: (args.block_threshold * 1e6).round() as u64,
+                        probe: loop_probe,
                     },
                     Clock {
                         start_mono_ns,

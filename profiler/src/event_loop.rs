@@ -25,6 +25,9 @@ const EPISODE_TOP_ROWS: usize = 5;
 #[derive(Debug, Serialize)]
 pub struct LoopReport {
     pub threshold_ms: f64,
+    /// What cut the iterations: the epoll-wait probes or the syscall
+    /// tracepoints.
+    pub probe: &'static str,
     /// All loop threads: those seen waiting in epoll.
     #[serde(flatten)]
     pub all: LoopStats,
@@ -115,6 +118,7 @@ pub struct LoopData<'a> {
     pub events_lost: u64,
     pub max_ns: u64,
     pub threshold_ns: u64,
+    pub probe: &'static str,
 }
 
 /// The samples inside episodes, as a profile, and the report.
@@ -273,6 +277,7 @@ pub fn analyze(
     };
     let report = LoopReport {
         threshold_ms: data.threshold_ns as f64 / 1e6,
+        probe: data.probe,
         all: LoopStats {
             threads: data.threads.len(),
             iterations: all.iter().sum(),
@@ -407,6 +412,7 @@ mod tests {
             events_lost: 0,
             max_ns: 200 * ms,
             threshold_ns: 50 * ms,
+            probe: "test",
         };
         let clock = Clock {
             start_mono_ns: 900 * ms,

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, RawTracePoint,
+        FEntry, FExit, PerfEvent, Program, RawTracePoint,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
@@ -87,6 +87,7 @@ pub struct Sampler {
     counts_slot: u32,
     /// Present while event-loop tracking is on.
     loop_events: Option<RingBuf<MapData>>,
+    loop_probe: Option<LoopProbe>,
     unwind: UnwindState,
 }
 
@@ -181,6 +182,11 @@ impl Sampler {
     pub fn load(config: &SamplerConfig) -> anyhow::Result<Self> {
         let sample_all = u8::from(config.sample_all);
         let threshold_ns = config.event_loop_threshold_ns.unwrap_or(u64::MAX);
+        // The kernel's BTF, to attach the epoll-wait probes, is parsed on
+        // another thread while the kernel verifies the sampling program.
+        let btf = config
+            .event_loop_threshold_ns
+            .map(|_| std::thread::spawn(Btf::from_sys_fs));
         let mut ebpf = EbpfLoader::new()
             .override_global("SAMPLE_ALL", &sample_all, true)
             .override_global("BLOCK_THRESHOLD_NS", &threshold_ns, true)
@@ -209,9 +215,15 @@ impl Sampler {
             .map_err(|err| explain_bpf_error(anyhow::Error::new(err)))
             .context("the kernel refused the eBPF program")?;
 
-        let loop_events = match config.event_loop_threshold_ns {
-            Some(_) => load_loop_programs(&mut ebpf)?,
-            None => None,
+        let (loop_probe, loop_events) = match btf {
+            Some(btf) => {
+                let btf = btf
+                    .join()
+                    .map_err(|_| anyhow!("reading the kernel's BTF panicked"))?
+                    .context("cannot read the kernel's BTF");
+                load_loop_programs(&mut ebpf, btf)?.unzip()
+            }
+            None => (None, None),
         };
 
         Ok(Self {
@@ -219,6 +231,7 @@ impl Sampler {
             links: Vec::new(),
             counts_slot: 0,
             loop_events,
+            loop_probe,
             unwind: UnwindState {
                 capacity: config.unwind_rows,
                 ..UnwindState::default()
@@ -365,6 +378,11 @@ impl Sampler {
     /// Whether event-loop iterations are being tracked.
     pub fn tracks_event_loop(&self) -> bool {
         self.loop_events.is_some()
+    }
+
+    /// How event-loop iterations are cut, when they are tracked.
+    pub fn loop_probe(&self) -> Option<LoopProbe> {
+        self.loop_probe
     }
 
     /// Moves the loop events sent so far into `out`.
@@ -668,39 +686,119 @@ impl Drop for Sampler {
     }
 }
 
-/// Loads and attaches the raw syscall tracepoints that cut event-loop
-/// iterations. If they cannot be attached, tracking is off and the run goes
-/// on without it.
-///
-/// Measured alternatives (`cargo xtask bench`): uprobes on libc's epoll
-/// waits cost nothing outside the target but add about 25 µs to every loop
-/// iteration; these tracepoints add about 0.15 µs per iteration and about
-/// 80 ns to every other syscall of the host. fentry and kprobes on the wait
-/// syscalls would be cheaper still, but kernels may lack or refuse them.
-fn load_loop_programs(ebpf: &mut Ebpf) -> anyhow::Result<Option<RingBuf<MapData>>> {
-    for (program, tracepoint) in [
-        ("loop_sys_enter", "sys_enter"),
-        ("loop_sys_exit", "sys_exit"),
-    ] {
-        let attached = (|| -> anyhow::Result<()> {
-            let program: &mut RawTracePoint = ebpf
-                .program_mut(program)
-                .with_context(|| format!("program {program} is missing"))?
-                .try_into()?;
-            program.load()?;
-            program.attach(tracepoint)?;
-            Ok(())
-        })();
-        if let Err(err) = attached {
-            warn!("cannot trace {tracepoint} ({err:#}); event-loop tracking is off");
-            return Ok(None);
+/// How event-loop iterations are cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopProbe {
+    /// fentry and fexit on the kernel's epoll wait: only waits pay.
+    EpollWait,
+    /// Raw tracepoints on every syscall's entry and return: every syscall
+    /// of the host pays while they are attached.
+    SyscallTracepoints,
+}
+
+impl LoopProbe {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::EpollWait => "fentry/fexit do_epoll_wait",
+            Self::SyscallTracepoints => "raw tracepoints sys_enter/sys_exit",
         }
     }
-    debug!("event-loop tracking on the sys_enter and sys_exit raw tracepoints");
+}
+
+/// Loads and attaches the programs that cut event-loop iterations: on the
+/// kernel's epoll wait where the kernel allows fentry, else on the syscall
+/// tracepoints. If neither can be attached, tracking is off and the run
+/// goes on without it.
+///
+/// Measured (`cargo xtask bench`): the epoll-wait probes add tens of
+/// nanoseconds to a wait and nothing to other syscalls; the tracepoints
+/// add a few hundred nanoseconds to a wait and about 200 ns to every other
+/// syscall of the host; uprobes on libc's waits cost nothing outside the
+/// target but about 25 µs per loop iteration.
+fn load_loop_programs(
+    ebpf: &mut Ebpf,
+    btf: anyhow::Result<Btf>,
+) -> anyhow::Result<Option<(LoopProbe, RingBuf<MapData>)>> {
+    let probe = match btf.and_then(|btf| attach_epoll_wait_probes(ebpf, &btf)) {
+        Ok(()) => LoopProbe::EpollWait,
+        Err(err) => {
+            debug!("cannot probe do_epoll_wait ({err:#}); using the syscall tracepoints");
+            if let Err(err) = attach_syscall_tracepoints(ebpf) {
+                warn!("{err:#}; event-loop tracking is off");
+                return Ok(None);
+            }
+            LoopProbe::SyscallTracepoints
+        }
+    };
+    debug!("event-loop tracking on {}", probe.describe());
     let map = ebpf
         .take_map("LOOP_EVENTS")
         .context("map LOOP_EVENTS is missing")?;
-    Ok(Some(RingBuf::try_from(map)?))
+    Ok(Some((probe, RingBuf::try_from(map)?)))
+}
+
+/// The kernel function every epoll wait syscall calls.
+const EPOLL_WAIT_FN: &str = "do_epoll_wait";
+
+/// Attaches fentry and fexit to [`EPOLL_WAIT_FN`]; on failure, nothing
+/// stays attached.
+fn attach_epoll_wait_probes(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<()> {
+    let attached = (|| -> anyhow::Result<()> {
+        let enter: &mut FEntry = ebpf
+            .program_mut("loop_wait_enter")
+            .context("program loop_wait_enter is missing")?
+            .try_into()?;
+        enter.load(EPOLL_WAIT_FN, btf)?;
+        enter.attach()?;
+        let exit: &mut FExit = ebpf
+            .program_mut("loop_wait_exit")
+            .context("program loop_wait_exit is missing")?
+            .try_into()?;
+        exit.load(EPOLL_WAIT_FN, btf)?;
+        exit.attach()?;
+        Ok(())
+    })();
+    if attached.is_err() {
+        unload(ebpf, &["loop_wait_enter", "loop_wait_exit"]);
+    }
+    attached
+}
+
+/// Attaches the syscall tracepoints; on failure, nothing stays attached.
+fn attach_syscall_tracepoints(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    const PROGRAMS: [(&str, &str); 2] = [
+        ("loop_sys_enter", "sys_enter"),
+        ("loop_sys_exit", "sys_exit"),
+    ];
+    let attached = PROGRAMS.iter().try_for_each(|&(name, tracepoint)| {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing"))?
+            .try_into()?;
+        program
+            .load()
+            .and_then(|()| program.attach(tracepoint).map(drop))
+            .with_context(|| format!("cannot trace {tracepoint}"))
+    });
+    if attached.is_err() {
+        unload(ebpf, &PROGRAMS.map(|(name, _)| name));
+    }
+    attached
+}
+
+/// Unloads programs, which detaches their links.
+fn unload(ebpf: &mut Ebpf, names: &[&str]) {
+    for name in names {
+        let unloaded = match ebpf.program_mut(name) {
+            Some(Program::FEntry(program)) => program.unload(),
+            Some(Program::FExit(program)) => program.unload(),
+            Some(Program::RawTracePoint(program)) => program.unload(),
+            _ => Ok(()),
+        };
+        if let Err(err) = unloaded {
+            debug!("unloading {name}: {err}");
+        }
+    }
 }
 
 /// `BPF_MAP_UPDATE_BATCH` on an array map: consecutive keys from `start`.

@@ -194,6 +194,15 @@ fn every_blocking_episode_is_found_with_its_duration_and_function() {
         event_loop["episode_count"].as_u64(),
         Some(episodes.len() as u64)
     );
+    let probe = event_loop["probe"].as_str().unwrap_or_default();
+    assert!(
+        [
+            "fentry/fexit do_epoll_wait",
+            "raw tracepoints sys_enter/sys_exit"
+        ]
+        .contains(&probe),
+        "{event_loop}"
+    );
     assert!(
         event_loop["iterations"].as_u64().unwrap() > 100,
         "{event_loop}"

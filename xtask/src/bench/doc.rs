@@ -764,11 +764,20 @@ fn render_accuracy(md: &mut String, accuracy: &Value) -> anyhow::Result<()> {
 
 fn render_loop_tracking(md: &mut String, figures: &Value) -> anyhow::Result<()> {
     writeln!(md, "\n## Event-loop tracking\n")?;
+    let probe = figures["syscalls"]["probe"].as_str().unwrap_or("");
+    let how = if probe.starts_with("fentry") {
+        "fentry and fexit programs on the kernel's `do_epoll_wait`, so only epoll waits \
+         pay"
+    } else {
+        "the global `sys_enter`/`sys_exit` raw tracepoints, which every syscall of the \
+         host pays for (the kernel here refused fentry on `do_epoll_wait`, which would \
+         leave other syscalls alone)"
+    };
     writeln!(
         md,
-        "This profiler also times every event-loop iteration of the target through the \
-         global `sys_enter`/`sys_exit` raw tracepoints. What that adds to one syscall \
-         (medians of {} alternating runs of {} calls):\n",
+        "This profiler also times every event-loop iteration of the target, through \
+         {how}. What that adds to one syscall (medians of {} alternating runs of {} \
+         calls):\n",
         figures["syscalls"]["rounds"], figures["syscalls"]["calls_per_run"]
     )?;
     writeln!(md, "| syscall | bare | tracked | added |")?;
