@@ -539,6 +539,21 @@ impl Sampler {
         Ok(raw)
     }
 
+    /// Processes with samples in the counts map being filled now.
+    pub fn sampled_pids(&self) -> anyhow::Result<HashSet<u32>> {
+        let name = COUNTS_MAPS[self.counts_slot as usize];
+        let map: HashMap<&MapData, SampleKey, u64> = HashMap::try_from(
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("map {name} is missing"))?,
+        )?;
+        Ok(map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| key.pid)
+            .collect())
+    }
+
     fn read_counts(&self, name: &str) -> anyhow::Result<Vec<(SampleKey, u64)>> {
         let map: HashMap<&MapData, SampleKey, u64> = HashMap::try_from(
             self.ebpf

@@ -882,23 +882,85 @@ fn daemon_samples_with_only_the_capabilities_of_its_systemd_unit() {
     let index = index(&dir);
     let entries = entries_of(&index, target.pid());
     assert!(!entries.is_empty(), "nothing written:\n{log}");
+    let (total, shares) = frame_shares(&out, &entries, &["hot_three"]);
+    assert!(total >= 100, "only {total} samples in 5 s at 99 Hz:\n{log}");
+    assert!(
+        (60.0..=90.0).contains(&shares[0]),
+        "hot_three has {:.1}% of {total} samples, expected about 75%",
+        shares[0]
+    );
+}
+
+/// Samples in the intervals `entries` of the store at `out`, and the share
+/// of them, in percent, with each of `frames` on the stack.
+fn frame_shares(out: &Path, entries: &[&Value], frames: &[&str]) -> (u64, Vec<f64>) {
     let mut total = 0;
-    let mut hot = 0;
+    let mut hits = vec![0; frames.len()];
     for entry in entries {
         let path = out.join(entry["folded"].as_str().unwrap());
         for line in fs::read_to_string(path).unwrap().lines() {
             let (stack, count) = line.rsplit_once(' ').expect("`stack count` line");
             let count: u64 = count.parse().expect("count");
             total += count;
-            if stack.split(';').any(|f| f == "hot_three") {
-                hot += count;
+            for (frame, hit) in frames.iter().zip(&mut hits) {
+                if stack.split(';').any(|f| f == *frame) {
+                    *hit += count;
+                }
             }
         }
     }
-    assert!(total >= 100, "only {total} samples in 5 s at 99 Hz:\n{log}");
-    let hot_percent = 100.0 * hot as f64 / total as f64;
+    let shares = hits
+        .iter()
+        .map(|&hit| 100.0 * hit as f64 / total.max(1) as f64)
+        .collect();
+    (total, shares)
+}
+
+/// In host mode a process is named from its first second with samples, so
+/// one that starts and exits between two cuts still gets named stacks.
+#[test]
+fn host_mode_names_a_process_that_exits_before_the_cut() {
+    if !can_profile("host_mode_names_a_process_that_exits_before_the_cut") {
+        return;
+    }
+    let dir = scratch("daemon-host");
+    let mut daemon = Daemon::start(&dir, &["--host", "--interval", "60", "--frequency", "99"]);
     assert!(
-        (60.0..=90.0).contains(&hot_percent),
-        "hot_three has {hot_percent:.1}% of {total} samples, expected about 75%"
+        wait_until(Duration::from_secs(20), || daemon
+            .log()
+            .contains("sampling every process")),
+        "the daemon did not start:\n{}",
+        daemon.log()
+    );
+
+    let mut split = Command::new(integration_tests::c_fixture("split"))
+        .arg("4")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the split fixture");
+    let pid = split.id();
+    assert!(split.wait().unwrap().success());
+    daemon.stop();
+
+    let index = index(&dir);
+    let entries = entries_of(&index, pid);
+    assert!(
+        !entries.is_empty(),
+        "no interval for pid {pid}:\n{}",
+        daemon.log()
+    );
+    let (total, shares) = frame_shares(&dir.join("profiles"), &entries, &["main", "hot_three"]);
+    assert!(total >= 200, "only {total} samples in 4 s at 99 Hz");
+    // Samples of the first second, before the mappings are read, may be
+    // unnamed.
+    assert!(
+        shares[0] >= 60.0,
+        "{:.1}% of {total} samples under main",
+        shares[0]
+    );
+    let hot_of_named = 100.0 * shares[1] / shares[0];
+    assert!(
+        (60.0..=90.0).contains(&hot_of_named),
+        "hot_three has {hot_of_named:.1}% of the named samples, expected about 75%"
     );
 }

@@ -74,7 +74,7 @@ struct Process {
     perf_map: Option<PerfMapFile>,
     /// Gone, or no longer selected; dropped after the next cut.
     retired: bool,
-    /// Had samples in the last interval. In host mode only active
+    /// Had samples in this interval or the last. In host mode only active
     /// processes have their mappings kept current.
     active: bool,
     /// Blocking episodes of the interval under way.
@@ -242,6 +242,21 @@ impl Daemon {
             self.processes.insert(pid, process);
         }
 
+        // In host mode, a process's mappings are read from its first
+        // second with samples, so one that exits before the cut is still
+        // named.
+        if self.config.selector.host {
+            match self.sampler.sampled_pids() {
+                Ok(sampled) => {
+                    for pid in sampled {
+                        if let Some(process) = self.processes.get_mut(&pid) {
+                            process.active = true;
+                        }
+                    }
+                }
+                Err(err) => debug!("cannot list the sampled processes: {err:#}"),
+            }
+        }
         for process in self.processes.values_mut() {
             if process.retired {
                 continue;
