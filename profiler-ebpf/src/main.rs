@@ -32,9 +32,9 @@ use core::{ffi::c_void, ptr::read_volatile};
 use profiler_common::{
     DEFAULT_COUNT_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_UNWIND_ROWS, HIST_BUCKETS, HIST_GROUPS,
     LOOP_EVENTS_BYTES, LOOP_THREAD_ENTRIES, LoopEvent, LoopThread, MAX_STACK_DEPTH,
-    MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind, STACK_LOST, SampleKey, Stack, TARGET_ENTRIES,
-    THREAD_ENTRIES, ThreadInfo, UnwindMapping, UnwindRow, cfa_kind, hist_bucket, loop_event,
-    stack_hash, stat,
+    MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind, ROW_CACHE_ENTRIES, RowCacheEntry, STACK_LOST,
+    SampleKey, Stack, TARGET_ENTRIES, THREAD_ENTRIES, ThreadInfo, UnwindMapping, UnwindRow,
+    cfa_kind, hist_bucket, loop_event, row_cache_slot, stack_hash, stat,
 };
 
 /// When non-zero, every process is sampled and `TARGETS` is ignored.
@@ -58,6 +58,10 @@ static STACKS: HashMap<u64, Stack> =
 /// Unwind rows of every binary with tables, one range per binary.
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(DEFAULT_UNWIND_ROWS, 0);
+
+/// Each CPU's cache of recent row lookups, by `row_cache_slot`.
+#[map]
+static ROW_CACHE: PerCpuArray<RowCacheEntry> = PerCpuArray::with_max_entries(ROW_CACHE_ENTRIES, 0);
 
 /// Processes whose user stacks are walked with unwind tables.
 #[map]
@@ -581,14 +585,49 @@ pub extern "C" fn mapping_index(pid: u32, pc: u64) -> i64 {
     -1
 }
 
-/// The unwind row for `pc`, an address inside `mapping`.
+/// The unwind row for `pc`, an address inside `mapping`: from this CPU's
+/// row cache, else by a search of the binary's rows.
 #[inline(always)]
 fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
-    // The last row at or below the address, by binary search; 2^24 rows at
-    // most per binary. The search runs under bpf_loop so that the verifier
-    // checks one step instead of every path through an unrolled search.
+    let vaddr = pc - mapping.bias;
+    bump(stat::ROW_LOOKUPS);
+    let cached = ROW_CACHE.get_ptr_mut(row_cache_slot(vaddr, mapping.rows_start));
+    if let Some(entry) = cached {
+        // SAFETY: this CPU's slot, and one program run at a time uses it.
+        let entry = unsafe { &*entry };
+        if entry.vaddr == vaddr
+            && entry.rows_len != 0
+            && entry.rows_start == mapping.rows_start
+            && entry.rows_len == mapping.rows_len
+        {
+            bump(stat::ROW_CACHE_HITS);
+            return Some(entry.row);
+        }
+    }
+
+    let row = search_rows(mapping, vaddr)?;
+    if let Some(entry) = cached {
+        // SAFETY: as above.
+        unsafe {
+            *entry = RowCacheEntry {
+                vaddr,
+                rows_start: mapping.rows_start,
+                rows_len: mapping.rows_len,
+                row,
+            };
+        }
+    }
+    Some(row)
+}
+
+/// The last row of `mapping`'s binary at or below file address `vaddr`.
+#[inline(always)]
+fn search_rows(mapping: &UnwindMapping, vaddr: u64) -> Option<UnwindRow> {
+    // A binary search; 2^24 rows at most per binary. It runs under bpf_loop
+    // so that the verifier checks one step instead of every path through
+    // an unrolled search.
     let mut search = RowSearch {
-        vaddr: pc - mapping.bias,
+        vaddr,
         low: mapping.rows_start,
         high: mapping.rows_start + mapping.rows_len,
         failed: 0,

@@ -380,6 +380,11 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
                 table_mappings: unwind_load.mappings,
                 unwind_rows: unwind_load.rows,
                 table_walks: stats.table_walks,
+                row_lookups: stats.row_lookups,
+                row_cache_hit_percent: (stats.row_cache_hits as f64 * 10000.0
+                    / stats.row_lookups.max(1) as f64)
+                    .round()
+                    / 100.0,
                 user_stacks,
                 complete,
                 complete_percent: (complete as f64 * 10000.0 / user_stacks.max(1) as f64).round()

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         FEntry, FExit, PerfEvent, Program, RawTracePoint,
         perf_event::{
@@ -27,7 +27,8 @@ use crate::{
 };
 use profiler_common::{
     HIST_BUCKETS, HIST_GROUPS, LoopEvent, LoopThread, MAX_UNWIND_MAPPINGS, NO_STACK, ProcUnwind,
-    STACK_LOST, SampleKey, Stack, TASK_COMM_LEN, ThreadInfo, UnwindMapping, UnwindRow, stat,
+    ROW_CACHE_ENTRIES, RowCacheEntry, STACK_LOST, SampleKey, Stack, TASK_COMM_LEN, ThreadInfo,
+    UnwindMapping, UnwindRow, stat,
 };
 
 /// The eBPF object, built by `build.rs` and embedded in the binary.
@@ -65,6 +66,8 @@ pub struct Stats {
     pub loop_iterations: u64,
     pub loop_max_ns: u64,
     pub table_walks: u64,
+    pub row_lookups: u64,
+    pub row_cache_hits: u64,
 }
 
 /// Everything the eBPF program gathered, copied out of its maps.
@@ -104,6 +107,9 @@ struct UnwindState {
     procs: StdHashMap<u32, Vec<UnwindMapping>>,
     /// Ranges of rows freed by binaries no process maps any more.
     free: Vec<(u32, u32)>,
+    /// End of the highest rows ever written: rows given out below it
+    /// replace others, and the kernel's row cache must forget those.
+    high_water: u32,
 }
 
 impl UnwindState {
@@ -359,6 +365,19 @@ impl Sampler {
             );
             return None;
         };
+        // No process points at reused rows yet, so once the cache is clear
+        // no lookup can bring back a row of the binary they held before.
+        if rows_start < self.unwind.high_water
+            && let Err(err) = self.clear_row_cache()
+        {
+            warn!(
+                "cannot clear the row cache ({err:#}); {} is walked by frame pointer",
+                mapping.path
+            );
+            self.unwind.free.push((rows_start, rows_len));
+            return None;
+        }
+        self.unwind.high_water = self.unwind.high_water.max(rows_start + rows_len);
         if let Err(err) = self.write_rows(rows_start, &rows) {
             warn!(
                 "cannot write unwind rows for {}: {err:#}; ignoring",
@@ -373,6 +392,22 @@ impl Sampler {
             rows_len,
             segments,
         })
+    }
+
+    /// Empties every CPU's cache of row lookups.
+    fn clear_row_cache(&mut self) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
+        let mut cache: PerCpuArray<&mut MapData, RowCacheEntry> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut("ROW_CACHE")
+                .context("map ROW_CACHE is missing")?,
+        )?;
+        for slot in 0..ROW_CACHE_ENTRIES {
+            let empty = PerCpuValues::try_from(vec![RowCacheEntry::default(); cpus])?;
+            cache.set(slot, empty, 0)?;
+        }
+        debug!("cleared the row cache: unwind rows are reused");
+        Ok(())
     }
 
     /// Whether event-loop iterations are being tracked.
@@ -487,6 +522,8 @@ impl Sampler {
             loop_iterations: sum(stat::LOOP_ITERATIONS)?,
             loop_max_ns: max(stat::LOOP_MAX_NS)?,
             table_walks: sum(stat::TABLE_WALKS)?,
+            row_lookups: sum(stat::ROW_LOOKUPS)?,
+            row_cache_hits: sum(stat::ROW_CACHE_HITS)?,
         })
     }
 

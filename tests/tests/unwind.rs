@@ -63,6 +63,14 @@ fn openssl_samples_sit_under_the_js_function_that_called_pbkdf2() {
         complete >= 99.0,
         "{complete}% of stacks reach the thread entry: {stacks}"
     );
+    // The loop's stacks repeat, so most frames find their row in the
+    // kernel side's cache of recent lookups rather than by a search.
+    let hit_percent = stacks["row_cache_hit_percent"].as_f64().unwrap();
+    assert!(stacks["row_lookups"].as_u64().unwrap() > 1000, "{stacks}");
+    assert!(
+        hit_percent >= 80.0,
+        "{hit_percent}% row cache hits: {stacks}"
+    );
     let (openssl, under) = attributed(&tables, ";sha512_block_data_order", ";hashPassword ");
     assert!(openssl > 50, "{openssl} OpenSSL samples");
     assert!(

@@ -53,6 +53,10 @@ pub struct StackQuality {
     pub unwind_rows: u32,
     /// Samples whose user stack was walked with the tables.
     pub table_walks: u64,
+    /// Frames whose unwind row was looked up, and the share of them found
+    /// in the kernel side's cache of recent lookups.
+    pub row_lookups: u64,
+    pub row_cache_hit_percent: f64,
     /// Samples with a user stack.
     pub user_stacks: u64,
     /// Of those, the ones that reach the thread's entry point.
