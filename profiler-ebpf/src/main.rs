@@ -491,7 +491,7 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
     let row = row.filter(|row| {
         row.cfa_kind != cfa_kind::UNKNOWN && (row.cfa_kind != cfa_kind::REGISTER || i == 0)
     });
-    let (cfa, bp) = match row {
+    let (cfa, bp, return_address) = match row {
         Some(row) => {
             let offset = row.cfa_offset as i64 as u64;
             let cfa = match row.cfa_kind {
@@ -513,34 +513,45 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
                     }
                 }
             };
-            let bp = if row.rbp_saved != 0 {
-                match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
-                    Some(bp) => bp,
+            // The stack grows down: a caller's frame is always above.
+            if cfa <= walk.sp {
+                return 1;
+            }
+            if row.rbp_saved != 0 && row.rbp_offset == -16 {
+                // The usual prologue, `push rbp` right below the return
+                // address: one read for both.
+                match read_pair(cfa - 16) {
+                    Some([bp, return_address]) => (cfa, bp, return_address),
                     None => return 1,
                 }
             } else {
-                walk.bp
-            };
-            (cfa, bp)
+                let bp = if row.rbp_saved != 0 {
+                    match read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+                        Some(bp) => bp,
+                        None => return 1,
+                    }
+                } else {
+                    walk.bp
+                };
+                match read_user(cfa - 8) {
+                    Some(return_address) => (cfa, bp, return_address),
+                    None => return 1,
+                }
+            }
         }
         _ => {
-            // Frame pointer: [rbp] is the caller's rbp, the return address
-            // is above it, and the caller's stack starts above that.
-            if walk.bp == 0 {
+            // Frame pointer: [rbp] is the caller's rbp and the return
+            // address is above it, read together; the caller's stack
+            // starts above that.
+            let cfa = walk.bp.wrapping_add(16);
+            if walk.bp == 0 || cfa <= walk.sp {
                 return 1;
             }
-            let Some(caller_bp) = read_user(walk.bp) else {
-                return 1;
-            };
-            (walk.bp + 16, caller_bp)
+            match read_pair(walk.bp) {
+                Some([caller_bp, return_address]) => (cfa, caller_bp, return_address),
+                None => return 1,
+            }
         }
-    };
-    // The stack grows down: a caller's frame is always above.
-    if cfa <= walk.sp {
-        return 1;
-    }
-    let Some(return_address) = read_user(cfa - 8) else {
-        return 1;
     };
     walk.pc = return_address;
     walk.sp = cfa;
@@ -678,6 +689,13 @@ extern "C" fn search_step(_index: u64, ctx: *mut c_void) -> i64 {
         search.high = mid;
     }
     0
+}
+
+/// Two consecutive words of user memory, in one read.
+#[inline(always)]
+fn read_pair(addr: u64) -> Option<[u64; 2]> {
+    // SAFETY: a checked read of user memory; faults return an error.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]).ok() }
 }
 
 #[inline(always)]
