@@ -250,4 +250,10 @@ pub struct DaemonArgs {
     /// Don't track event-loop iterations.
     #[arg(long)]
     pub no_event_loop: bool,
+
+    /// Capacity of the kernel-side array of unwind rows, shared by every
+    /// sampled binary (16 bytes each, preallocated); 0 walks every stack by
+    /// frame pointer only [default: 1048576].
+    #[arg(long, value_name = "N")]
+    pub unwind_rows: Option<u32>,
 }

@@ -132,14 +132,16 @@ impl UnwindState {
         Some(start)
     }
 
-    /// Frees the rows of binaries that no process entry points at, so that
-    /// a long run over changing processes does not fill the array.
-    fn release_unused(&mut self) {
+    /// Frees the rows of binaries that no process entry points at, and that
+    /// are not among `in_use`, so that a long run over changing processes
+    /// does not fill the array.
+    fn release_unused(&mut self, in_use: &[u32]) {
         let used: std::collections::HashSet<u32> = self
             .procs
             .values()
             .flatten()
             .map(|m| m.rows_start)
+            .chain(in_use.iter().copied())
             .collect();
         let free = &mut self.free;
         self.files.retain(|_, table| match table {
@@ -249,6 +251,10 @@ impl Sampler {
     /// loaded yet, and points the process's entry at them. A binary whose
     /// table cannot be built or does not fit is walked by frame pointer.
     pub fn load_unwind_tables(&mut self, space: &AddressSpace) -> anyhow::Result<UnwindLoad> {
+        // No room for rows: every stack is walked by frame pointer.
+        if self.unwind.capacity == 0 {
+            return Ok(UnwindLoad::default());
+        }
         let mut chosen: Vec<UnwindMapping> = Vec::new();
         for mapping in space.mappings().iter().rev() {
             if !mapping.is_file() || chosen.len() >= MAX_UNWIND_MAPPINGS {
@@ -266,7 +272,10 @@ impl Sampler {
             let meta = file.metadata()?;
             let key = (meta.dev(), meta.ino());
             if !self.unwind.files.contains_key(&key) {
-                let loaded = self.load_table(mapping, space.pid());
+                // The tables chosen so far are not in the process's entry
+                // yet: they must not be freed to make room for this one.
+                let in_use: Vec<u32> = chosen.iter().map(|m| m.rows_start).collect();
+                let loaded = self.load_table(mapping, space.pid(), &in_use);
                 self.unwind.files.insert(key, loaded);
             }
             let Some(Some(table)) = self.unwind.files.get(&key) else {
@@ -330,7 +339,7 @@ impl Sampler {
     }
 
     /// Builds one binary's table and writes it to the row array.
-    fn load_table(&mut self, mapping: &Mapping, pid: u32) -> Option<LoadedTable> {
+    fn load_table(&mut self, mapping: &Mapping, pid: u32, in_use: &[u32]) -> Option<LoadedTable> {
         let path = mapping.readable_path(pid)?;
         // Mapped, not read: only the headers and the CFI sections are paged
         // in, not the whole of a 100 MB binary.
@@ -354,7 +363,7 @@ impl Sampler {
         // Tables of binaries no process maps any more are kept, in case the
         // next process maps them too, until their room is needed.
         let allocated = self.unwind.allocate(rows_len).or_else(|| {
-            self.unwind.release_unused();
+            self.unwind.release_unused(in_use);
             self.unwind.allocate(rows_len)
         });
         let Some(rows_start) = allocated else {
@@ -962,7 +971,7 @@ mod tests {
         state.procs.insert(7, vec![mapping(b)]);
         assert_eq!(state.allocate(50), None);
 
-        state.release_unused();
+        state.release_unused(&[]);
 
         assert_eq!(state.files.len(), 1);
         // The end range went back to the end; the first is reusable.
@@ -971,6 +980,28 @@ mod tests {
         assert_eq!(state.allocate(30), Some(70));
         assert_eq!(state.allocate(6), None);
         assert_eq!(state.allocate(5), Some(35));
+    }
+
+    /// A process that maps a known binary and a new one, when the array is
+    /// full: the known binary's table, chosen for the process but not yet
+    /// in its entry, must survive the room made for the new one.
+    #[test]
+    fn tables_chosen_for_the_process_being_loaded_are_not_freed() {
+        let mut state = UnwindState {
+            capacity: 100,
+            ..UnwindState::default()
+        };
+        let libc = state.allocate(60).unwrap();
+        let old = state.allocate(40).unwrap();
+        state.files.insert((1, 1), table(libc, 60));
+        state.files.insert((1, 2), table(old, 40));
+
+        state.release_unused(&[libc]);
+
+        assert!(state.files.contains_key(&(1, 1)));
+        assert!(!state.files.contains_key(&(1, 2)));
+        assert_eq!(state.allocate(40), Some(60));
+        assert_eq!(state.allocate(1), None);
     }
 
     #[test]

@@ -964,3 +964,112 @@ fn host_mode_names_a_process_that_exits_before_the_cut() {
         "hot_three has {hot_of_named:.1}% of the named samples, expected about 75%"
     );
 }
+
+/// When the unwind-row array is full, the rows of binaries no process maps
+/// any more are given to the next binary, and the kernel side's cache of
+/// row lookups is cleared so that no lookup finds a row of the binary that
+/// held them before. Two builds of one program without frame pointers,
+/// one after the other, with room for one of them: the second still comes
+/// out whole.
+#[test]
+fn unwind_rows_freed_by_an_exited_binary_serve_the_next_one() {
+    if !can_profile("unwind_rows_freed_by_an_exited_binary_serve_the_next_one") {
+        return;
+    }
+    let flags = ["-O2", "-fomit-frame-pointer", "-fno-optimize-sibling-calls"];
+    let first = integration_tests::c_fixture_with("split", "split-no-fp-a", &flags);
+    let second = integration_tests::c_fixture_with("split", "split-no-fp-b", &flags);
+    let dir = scratch("daemon-row-reuse");
+
+    // What one process of the program needs: its rows, libc's and the
+    // loader's, as `profiler attach -v` reports them.
+    let probe = Command::new(profiler_bin())
+        .args(["attach", "-v", "-q", "-d", "1", "-o"])
+        .arg(dir.join("probe"))
+        .arg("--")
+        .arg(&first)
+        .arg("1")
+        .output()
+        .expect("run the profiler");
+    let log = String::from_utf8_lossy(&probe.stderr);
+    let rows: Vec<(String, u32)> = log
+        .lines()
+        .filter_map(|l| {
+            let (_, message) = l.split_once("] ")?;
+            let (path, rest) = message.split_once(": ")?;
+            let (n, _) = rest.split_once(" unwind rows at ")?;
+            Some((path.to_owned(), n.parse().ok()?))
+        })
+        .collect();
+    let own = rows
+        .iter()
+        .find(|(path, _)| path.ends_with("split-no-fp-a"))
+        .map(|(_, n)| *n)
+        .unwrap_or_else(|| panic!("no rows for the program:\n{log}"));
+    let all: u32 = rows.iter().map(|(_, n)| n).sum();
+    let capacity = (all + own / 2).to_string();
+
+    let mut daemon = Daemon::start(
+        &dir,
+        &[
+            "-v",
+            "--name",
+            "^split-no-fp-",
+            "--interval",
+            "2",
+            "--frequency",
+            "99",
+            "--metrics-addr",
+            "off",
+            "--unwind-rows",
+            &capacity,
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || daemon
+            .log()
+            .contains("no process matches yet")),
+        "the daemon did not start:\n{}",
+        daemon.log()
+    );
+    let run = |bin: &Path| {
+        let mut child = Command::new(bin)
+            .arg("3")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the fixture");
+        let pid = child.id();
+        assert!(child.wait().unwrap().success());
+        pid
+    };
+    run(&first);
+    // The first process is dropped, and its rows freed, after a cut.
+    thread::sleep(Duration::from_secs(3));
+    let pid = run(&second);
+    daemon.stop();
+
+    let log = daemon.log();
+    assert!(
+        log.contains("cleared the row cache"),
+        "rows were not reused:\n{log}"
+    );
+    let index = index(&dir);
+    let entries = entries_of(&index, pid);
+    assert!(!entries.is_empty(), "no interval for pid {pid}:\n{log}");
+    let (total, shares) = frame_shares(
+        &dir.join("profiles"),
+        &entries,
+        &["__libc_start_call_main", "hot_three"],
+    );
+    assert!(total >= 150, "only {total} samples in 3 s at 99 Hz");
+    assert!(
+        shares[0] >= 90.0,
+        "{:.1}% of {total} stacks reach libc's entry",
+        shares[0]
+    );
+    let hot_of_whole = 100.0 * shares[1] / shares[0];
+    assert!(
+        (60.0..=90.0).contains(&hot_of_whole),
+        "hot_three has {hot_of_whole:.1}% of the whole stacks, expected about 75%"
+    );
+}

@@ -30,6 +30,7 @@ struct File {
     output: Option<PathBuf>,
     frequency_hz: Option<u64>,
     interval_s: Option<f64>,
+    unwind_rows: Option<u32>,
     #[serde(default)]
     select: FileSelect,
     #[serde(default)]
@@ -174,6 +175,7 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Event-loop tracking, with this threshold.
     pub block_threshold_ns: Option<u64>,
+    pub unwind_rows: u32,
 }
 
 impl Config {
@@ -187,12 +189,14 @@ impl Config {
     }
 
     /// Whether going from `self` to `new` needs the eBPF program loaded
-    /// again: the sampling frequency, host-wide sampling and event-loop
-    /// tracking are fixed when it is loaded.
+    /// again: the sampling frequency, host-wide sampling, event-loop
+    /// tracking and the size of the unwind-row array are fixed when it is
+    /// loaded.
     pub fn needs_reload(&self, new: &Config) -> bool {
         self.frequency_hz != new.frequency_hz
             || self.selector.host != new.selector.host
             || self.block_threshold_ns != new.block_threshold_ns
+            || self.unwind_rows != new.unwind_rows
     }
 }
 
@@ -299,6 +303,10 @@ fn resolve(file: File, args: &DaemonArgs) -> anyhow::Result<Config> {
         push,
         metrics_addr,
         block_threshold_ns: loop_on.then(|| (threshold_ms * 1e6).round() as u64),
+        unwind_rows: args
+            .unwind_rows
+            .or(file.unwind_rows)
+            .unwrap_or(profiler_common::DEFAULT_UNWIND_ROWS),
     })
 }
 

@@ -696,7 +696,7 @@ fn load_sampler(config: &Config) -> anyhow::Result<Sampler> {
         sample_all: config.selector.host,
         stack_entries: profiler_common::DEFAULT_STACK_ENTRIES,
         event_loop_threshold_ns: config.block_threshold_ns,
-        unwind_rows: profiler_common::DEFAULT_UNWIND_ROWS,
+        unwind_rows: config.unwind_rows,
     })
 }
 
