@@ -771,9 +771,9 @@ impl LoopProbe {
 /// tracepoints. If neither can be attached, tracking is off and the run
 /// goes on without it.
 ///
-/// Measured (`cargo xtask bench`): the epoll-wait probes add tens of
-/// nanoseconds to a wait and nothing to other syscalls; the tracepoints
-/// add a few hundred nanoseconds to a wait and about 200 ns to every other
+/// The epoll-wait probes cost nothing outside epoll waits. Measured by
+/// `cargo xtask bench` on a kernel that refuses them: the tracepoints add
+/// a few hundred nanoseconds to a wait and about 200 ns to every other
 /// syscall of the host; uprobes on libc's waits cost nothing outside the
 /// target but about 25 µs per loop iteration.
 fn load_loop_programs(
