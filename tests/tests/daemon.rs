@@ -320,7 +320,9 @@ fn churn_gives_every_process_its_intervals_and_memory_stays_flat() {
         (last_end - stop_s).abs() < 2.0,
         "last interval ends {last_end}, stopped {stop_s}"
     );
-    assert!(last["duration_s"].as_f64().unwrap() < 10.0, "{last}");
+    // Partial, unless the stop came within a few samples of a cut, when
+    // the partial interval holds no sample and writes no file.
+    assert!(last["duration_s"].as_f64().unwrap() < 10.5, "{last}");
     assert_eq!(targets, Some(1.0), "only process d is sampled near the end");
 
     // Memory: flat after the first interval.
