@@ -12,6 +12,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc::RecvTimeoutError,
     time::{Duration, Instant},
 };
 
@@ -19,6 +20,9 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::{root, step};
+
+/// How long the API may take to start listening.
+const START_LIMIT: Duration = Duration::from_secs(30);
 
 /// The load every variant gets: loopback only, bounded in time.
 const CONNECTIONS: u32 = 200;
@@ -142,6 +146,7 @@ fn profile_variant(root: &Path, example: &Path, out: &Path, variant: &str) -> an
 pub struct Api {
     child: Child,
     pub pid: u32,
+    pub port: u16,
 }
 
 impl Api {
@@ -170,25 +175,40 @@ impl Api {
         crate::bench::cleanup::track(pid);
         let stdout = child.stdout.take().context("no stdout")?;
         // Owned from here, so that a failed start stops it too.
-        let api = Self { child, pid };
-        let mut lines = BufReader::new(stdout).lines();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let Some(line) = lines.next() else {
-                bail!("the {variant} API exited before listening");
-            };
-            let line = line?;
-            if line.starts_with("listening on") {
-                println!("  {line}");
-                break;
+        let api = Self { child, pid, port };
+        // Its output is read on a thread, so that a server that hangs
+        // before it listens cannot hang the caller; the thread then keeps
+        // draining it, so that it never blocks on a full pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                let listening = line.starts_with("listening on");
+                if tx.send(line).is_err() || listening {
+                    break;
+                }
             }
-            if Instant::now() > deadline {
-                bail!("the {variant} API did not start within 60 s");
+            lines.for_each(drop);
+        });
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("listening on") => {
+                    println!("  {line}");
+                    return Ok(api);
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "the {variant} API did not start within {} s",
+                    START_LIMIT.as_secs()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("the {variant} API exited before listening")
+                }
             }
         }
-        // Keep draining its output so that it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(api)
     }
 
     /// SIGTERM, which the API answers by closing and exiting; killed if
