@@ -159,13 +159,10 @@ async fn session(args: AttachArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot read the mappings of pid {pid}"))?;
     let mut perf_map = open_perf_map(&process);
     let cpu_start = procfs::cpu_time_s(pid);
-    let mut unwind_load = UnwindLoad::default();
-    if args.unwind_rows > 0 {
-        match sampler.load_unwind_tables(&space) {
-            Ok(load) => unwind_load = load,
-            Err(err) => warn!("cannot load unwind tables ({err:#}); walking by frame pointer"),
-        }
-    }
+    let unwind_load = sampler.load_unwind_tables(&space).unwrap_or_else(|err| {
+        warn!("cannot load unwind tables ({err:#}); walking by frame pointer");
+        UnwindLoad::default()
+    });
 
     sampler.attach(args.frequency)?;
     let load_ms = elapsed_ms(load_started);
@@ -475,7 +472,7 @@ async fn watch(
                 // Every tick: new mappings, so that a library loaded since
                 // (dlopen) is walked with its table within a quarter second.
                 match space.refresh() {
-                    Ok(true) if args.unwind_rows > 0 => {
+                    Ok(true) => {
                         if let Err(err) = sampler.load_unwind_tables(space) {
                             debug!("loading new unwind tables failed: {err:#}");
                         }
