@@ -342,6 +342,10 @@ struct Walk {
     /// The mapping of the last frame found in one; consecutive frames are
     /// mostly in the same binary, so this saves a map lookup per frame.
     mapping: UnwindMapping,
+    /// Row lookups of this walk, and those the row cache answered; added
+    /// to the statistics once per walk rather than once per frame.
+    row_lookups: u32,
+    row_cache_hits: u32,
 }
 
 /// Walks the user stack with the process's unwind tables where a frame's
@@ -360,6 +364,8 @@ fn table_stack_id(ctx: &PerfEventContext, pid: u32) -> u64 {
         pid,
         len: 0,
         mapping: UnwindMapping::default(),
+        row_lookups: 0,
+        row_cache_hits: 0,
     };
     // SAFETY: `walk_step` has the callback signature bpf_loop expects, and
     // `walk` outlives the call.
@@ -372,6 +378,8 @@ fn table_stack_id(ctx: &PerfEventContext, pid: u32) -> u64 {
         )
     };
     bump(stat::TABLE_WALKS);
+    add(stat::ROW_LOOKUPS, walk.row_lookups.into());
+    add(stat::ROW_CACHE_HITS, walk.row_cache_hits.into());
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return STACK_LOST;
     };
@@ -483,7 +491,8 @@ extern "C" fn walk_step(index: u64, ctx: *mut c_void) -> i64 {
         walk.mapping = mapping;
     }
     let row = if walk.mapping.start <= lookup && lookup < walk.mapping.end {
-        find_row(&walk.mapping, lookup)
+        walk.row_lookups += 1;
+        find_row(&walk.mapping, lookup, &mut walk.row_cache_hits)
     } else {
         None
     };
@@ -597,11 +606,10 @@ pub extern "C" fn mapping_index(pid: u32, pc: u64) -> i64 {
 }
 
 /// The unwind row for `pc`, an address inside `mapping`: from this CPU's
-/// row cache, else by a search of the binary's rows.
+/// row cache, counted in `hits`, else by a search of the binary's rows.
 #[inline(always)]
-fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
+fn find_row(mapping: &UnwindMapping, pc: u64, hits: &mut u32) -> Option<UnwindRow> {
     let vaddr = pc - mapping.bias;
-    bump(stat::ROW_LOOKUPS);
     let cached = ROW_CACHE.get_ptr_mut(row_cache_slot(vaddr, mapping.rows_start));
     if let Some(entry) = cached {
         // SAFETY: this CPU's slot, and one program run at a time uses it.
@@ -611,7 +619,7 @@ fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
             && entry.rows_start == mapping.rows_start
             && entry.rows_len == mapping.rows_len
         {
-            bump(stat::ROW_CACHE_HITS);
+            *hits += 1;
             return Some(entry.row);
         }
     }
@@ -769,10 +777,15 @@ fn record_thread(pid: u32, tid: u32) {
 
 #[inline(always)]
 fn bump(slot: u32) {
+    add(slot, 1);
+}
+
+#[inline(always)]
+fn add(slot: u32, n: u64) {
     if let Some(counter) = STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot of this CPU; the program is not preempted by
         // another run of itself on the same CPU.
-        unsafe { *counter += 1 };
+        unsafe { *counter += n };
     }
 }
 
